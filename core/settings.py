@@ -1,0 +1,271 @@
+"""The typed settings of one distillation run.
+
+One pydantic model, shared by the CLI (`amid distill run.yaml`), the API's request body and the
+worker, so a field name and its error message mean the same thing everywhere. Torch-free: the
+API validates a job without the training stack. Defaults follow the recipe of the AMiD paper
+(which follows DistiLLM's GPT-2 / Dolly setup) where it has one.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from core.presets import ANCHORS, DIVERGENCES, PRESETS, Anchor, Divergence
+from core.schedules import ScheduleKind
+
+DataFormat = Literal["auto", "dolly", "alpaca", "prompt_response", "messages"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+LrSchedule = Literal["cosine", "linear", "constant"]
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    # Unknown fields are refused: a typo in a settings file must not silently fall back to a default.
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, validate_default=True, allow_inf_nan=False
+    )
+
+
+class DatasetSettings(_Strict):
+    source: str = Field(
+        description=(
+            "Where the data is: a local .jsonl/.json/.parquet file (or a directory of them), or a "
+            "`datasets` hub id."
+        ),
+        examples=["data/dolly.jsonl"],
+        min_length=1,
+    )
+    format: DataFormat = Field(
+        "auto",
+        description=(
+            "Row format: dolly (instruction, context, response), alpaca (instruction, input, "
+            "output), prompt_response (prompt, response), messages (chat turns), or auto "
+            "(detected from the first row's keys)."
+        ),
+    )
+    split: str = Field("train", description="Split to read from a hub dataset.")
+    fields: dict[str, str] = Field(
+        default_factory=dict,
+        description=(
+            "Renames of source columns to the format's field names, e.g. "
+            '{"response": "answer"} reads the response from a column called `answer`.'
+        ),
+    )
+    eval_size: NonNegativeInt = Field(
+        64, description="Rows held out (deterministically, by seed) for evaluation."
+    )
+    max_rows: PositiveInt | None = Field(None, description="Use at most this many rows.")
+    skip_malformed: bool = Field(
+        False,
+        description="Skip rows that cannot be parsed (and count them) instead of failing the run.",
+    )
+
+
+class ScheduleSettings(_Strict):
+    kind: ScheduleKind = Field("constant", description="constant, linear or cosine.")
+    start: float = Field(description="Value at the first step.")
+    end: float | None = Field(None, description="Value at the last step (defaults to start).")
+
+    @property
+    def end_value(self) -> float:
+        return self.start if self.end is None else self.end
+
+
+class GenerationSettings(_Strict):
+    max_new_tokens: PositiveInt = Field(128, description="Tokens generated per eval prompt.")
+    do_sample: bool = Field(
+        True, description="Sample (the paper: top_k=0, top_p=1, T=1) or decode greedily."
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_k: NonNegativeInt = Field(0, description="Top-k filter; 0 turns it off.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus filter; 1 turns it off.")
+    num_samples_kept: NonNegativeInt = Field(
+        4, description="Sample generations kept with the eval metrics."
+    )
+
+
+class DistillSettings(_Strict):
+    """Everything one distillation run needs."""
+
+    # -- models and data -----------------------------------------------------------------------
+    teacher: str = Field(
+        description="Teacher model: a hub id, a local directory, or `job:<id>` (an earlier job's student).",
+        examples=["gpt2-xl"],
+        min_length=1,
+    )
+    student: str = Field(
+        description="Student model: a hub id, a local directory, or `job:<id>`.",
+        examples=["gpt2"],
+        min_length=1,
+    )
+    dataset: DatasetSettings = Field(
+        description="Training data; a bare string is read as `{source: ...}`."
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow model code from the model's repo (only if the operator allows it)."
+    )
+
+    # -- the AMiD loss -------------------------------------------------------------------------
+    preset: str | None = Field(
+        None,
+        description=(
+            f"A named loss setting ({', '.join(PRESETS)}). Its values fill alpha, lambda, "
+            "divergence, anchor, ab_alpha and ab_beta; fields given explicitly override it."
+        ),
+    )
+    alpha: float = Field(
+        -5.0,
+        description=(
+            "α: the mixing geometry of the assistant distribution (α=−1 arithmetic, α=1 geometric, "
+            "α>1 generalised means down to the support intersection). Any finite real."
+        ),
+    )
+    lam: float = Field(
+        0.1,
+        alias="lambda",
+        ge=0.0,
+        le=1.0,
+        description="λ: the teacher's weight in the assistant mixture, in [0, 1]; 0 gives r = q.",
+    )
+    divergence: Divergence = Field(
+        "ab", description=f"Divergence between anchor and assistant: {', '.join(DIVERGENCES)}."
+    )
+    anchor: Anchor = Field(
+        "teacher", description=f"Which distribution the assistant is compared with: {ANCHORS}."
+    )
+    ab_alpha: float = Field(0.2, description="α of the α-β divergence (the paper: 0.2).")
+    ab_beta: float = Field(0.7, description="β of the α-β divergence (the paper: 0.7).")
+    alpha_schedule: ScheduleSettings | None = Field(
+        None, description="Move α over training (overrides alpha)."
+    )
+    lambda_schedule: ScheduleSettings | None = Field(
+        None, description="Move λ over training (overrides lambda)."
+    )
+    ce_weight: float = Field(
+        0.0, ge=0.0, description="Weight of plain cross-entropy to the reference responses."
+    )
+    loss_chunk_size: PositiveInt = Field(
+        1024, description="Tokens per chunk inside the loss: peak extra memory scales with it."
+    )
+
+    # -- training ------------------------------------------------------------------------------
+    max_steps: PositiveInt | None = Field(
+        None, description="Optimizer steps to run; when unset, `epochs` decides."
+    )
+    epochs: float = Field(1.0, gt=0, description="Passes over the training split (if no max_steps).")
+    batch_size: PositiveInt = Field(8, description="Sequences per micro-batch.")
+    grad_accum_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
+    lr_schedule: LrSchedule = Field("cosine", description="Decay after warmup.")
+    warmup_steps: NonNegativeInt = Field(0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Clip the gradient norm to this; null turns clipping off."
+    )
+    max_prompt_length: PositiveInt = Field(
+        256, description="Prompt tokens kept (truncated from the left)."
+    )
+    max_length: PositiveInt = Field(
+        512, description="Prompt + response tokens kept (the response truncated from the right)."
+    )
+    seed: int = Field(0, description="Seeds data order, the split, dropout and sampling.")
+    precision: Precision = Field(
+        "auto", description="auto = bf16 on CUDA, fp32 on CPU; the loss is fp32 inside regardless."
+    )
+
+    # -- evaluation and checkpoints --------------------------------------------------------------
+    eval_interval: NonNegativeInt = Field(
+        0, description="Evaluate every N steps (0 = only at the end)."
+    )
+    checkpoint_interval: NonNegativeInt = Field(
+        0, description="Save a checkpoint every N steps (0 = only at the end)."
+    )
+    generation: GenerationSettings = Field(
+        default_factory=GenerationSettings, description="How eval responses are generated."
+    )
+    eval_max_samples: PositiveInt = Field(
+        64, description="Eval prompts generated for ROUGE-L at each evaluation."
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset_and_shorthands(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if isinstance(data.get("dataset"), str):
+            data["dataset"] = {"source": data["dataset"]}
+        name = data.get("preset")
+        if name is None:
+            return data
+        if not isinstance(name, str) or name not in PRESETS:
+            # Reported by the field validator below with the list of names.
+            return data
+        preset = PRESETS[name]
+        given = set(data)
+        defaults = {
+            "alpha": preset.alpha,
+            "lambda": preset.lam,
+            "divergence": preset.divergence,
+            "anchor": preset.anchor,
+            "ab_alpha": preset.ab_alpha,
+            "ab_beta": preset.ab_beta,
+        }
+        for key, value in defaults.items():
+            if key not in given and not (key == "lambda" and "lam" in given):
+                data[key] = value
+        return data
+
+    @field_validator("preset")
+    @classmethod
+    def _known_preset(cls, value: str | None) -> str | None:
+        if value is not None and value not in PRESETS:
+            raise ValueError(f"unknown preset {value!r}; expected one of {', '.join(PRESETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _loss_is_not_identically_zero(self) -> Self:
+        # r is the anchor itself when all of λ's weight sits on it: the loss is 0 at every step.
+        if self.lambda_schedule is None:
+            if self.anchor == "teacher" and self.lam == 1.0:
+                raise ValueError(
+                    "lambda: 1 with anchor 'teacher' makes the assistant equal the teacher, so the "
+                    "loss is identically zero"
+                )
+            if self.anchor == "student" and self.lam == 0.0:
+                raise ValueError(
+                    "lambda: 0 with anchor 'student' makes the assistant equal the student, so the "
+                    "loss is identically zero"
+                )
+        else:
+            for bound in (self.lambda_schedule.start, self.lambda_schedule.end_value):
+                if not 0.0 <= bound <= 1.0:
+                    raise ValueError("lambda_schedule: start and end must lie in [0, 1]")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                "max_prompt_length: must be below max_length so responses keep at least one token"
+            )
+        return self
+
+    def loss_knobs(self) -> dict[str, Any]:
+        """The keyword arguments of `core.losses.amid_loss` other than α and λ."""
+        return {
+            "divergence": self.divergence,
+            "anchor": self.anchor,
+            "ab_alpha": self.ab_alpha,
+            "ab_beta": self.ab_beta,
+        }
+
+    def public_dict(self) -> dict[str, Any]:
+        """The settings as a user writes them (`lambda`, not `lam`), every default filled in."""
+        return self.model_dump(mode="json", by_alias=True)
