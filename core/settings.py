@@ -112,7 +112,8 @@ class DistillSettings(_Strict):
         description="Training data; a bare string is read as `{source: ...}`."
     )
     trust_remote_code: bool = Field(
-        False, description="Allow model code from the model's repo (only if the operator allows it)."
+        False,
+        description="Allow model code from the model's repo (only if the operator allows it).",
     )
 
     # -- the AMiD loss -------------------------------------------------------------------------
@@ -162,7 +163,9 @@ class DistillSettings(_Strict):
     max_steps: PositiveInt | None = Field(
         None, description="Optimizer steps to run; when unset, `epochs` decides."
     )
-    epochs: float = Field(1.0, gt=0, description="Passes over the training split (if no max_steps).")
+    epochs: float = Field(
+        1.0, gt=0, description="Passes over the training split (if no max_steps)."
+    )
     batch_size: PositiveInt = Field(8, description="Sequences per micro-batch.")
     grad_accum_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")

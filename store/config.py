@@ -20,7 +20,8 @@ class ServiceConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="AMID_", extra="ignore")
 
     home: Path = Field(
-        Path(".amid"), description="Directory of the embedded default's database, queue and artifacts."
+        Path(".amid"),
+        description="Directory of the embedded default's database, queue and artifacts.",
     )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL of the job store (default: SQLite under AMID_HOME)."
@@ -35,7 +36,9 @@ class ServiceConfig(BaseSettings):
         None, description="Endpoint of an S3-compatible store (MinIO) for s3:// artifacts."
     )
     queue: str = Field("amid-gpu", description="Celery queue the GPU workers consume.")
-    url: str = Field("http://127.0.0.1:8000", description="API URL the `amid jobs` client talks to.")
+    url: str = Field(
+        "http://127.0.0.1:8000", description="API URL the `amid jobs` client talks to."
+    )
     api_key: str | None = Field(None, description="API key the `amid jobs` client sends.")
 
     # -- what users may point at ---------------------------------------------------------------
@@ -53,12 +56,18 @@ class ServiceConfig(BaseSettings):
     )
 
     # -- limits and reliability ------------------------------------------------------------------
-    max_steps_limit: int = Field(1_000_000, ge=1, description="Largest max_steps a job may ask for.")
+    max_steps_limit: int = Field(
+        1_000_000, ge=1, description="Largest max_steps a job may ask for."
+    )
     max_length_limit: int = Field(8192, ge=1, description="Largest max_length a job may ask for.")
-    max_queued_per_key: int = Field(20, ge=1, description="Jobs one API key may have queued at once.")
+    max_queued_per_key: int = Field(
+        20, ge=1, description="Jobs one API key may have queued at once."
+    )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job before a lost worker fails it.")
-    heartbeat_seconds: float = Field(10.0, gt=0, description="How often a running worker heartbeats.")
+    heartbeat_seconds: float = Field(
+        10.0, gt=0, description="How often a running worker heartbeats."
+    )
     stale_after_seconds: float = Field(
         120.0, gt=0, description="A running job whose heartbeat is older than this is re-queued."
     )
