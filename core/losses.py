@@ -1,0 +1,419 @@
+"""The AMiD loss: distil a student towards an α-mixture assistant of teacher and student.
+
+Teacher next-token distribution p, student q, c = (1 − α)/2 and teacher weight λ:
+
+    r̃ = (λ·p^c + (1−λ)·q^c)^(1/c)     α ≠ 1
+    r̃ = p^λ · q^(1−λ)                  α = 1 (the c → 0 limit)
+    r  = r̃ / Σ r̃
+
+and the loss of one token is D(x, r) with x = p (anchor "teacher") or x = q (anchor "student").
+
+Layout (Liger-Kernel's chunked distillation losses): one base, `amid_loss`, owns validation,
+masking, chunking, the fp32 upcast, the mixture r and the single division by the number of valid
+tokens; each divergence is a small function of `(log_x, log_r)` that returns the per-chunk sum.
+
+Memory: the loss never builds the [tokens × vocab] autograd graph. A custom autograd Function
+walks the masked positions chunk by chunk, computes each chunk's loss and its gradient w.r.t.
+the student logits right there, writes the gradient into one preallocated buffer and frees the
+chunk; backward only scales that buffer. Peak extra memory is therefore that buffer plus a few
+[chunk × vocab] fp32 tensors, whatever the batch.
+
+Gradients: autograd is used only through the divergence (cheap element-wise code); the chain
+through the normalisation of r, the mixture and the student's log-softmax is written in closed
+form, which is both faster and lets padded vocabulary entries (−inf in both logits) get an exact
+zero instead of the NaN that autograd produces through log 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
+
+from core.presets import ANCHORS, DIVERGENCES
+
+__all__ = [
+    "DIVERGENCE_FUNCTIONS",
+    "ab_divergence",
+    "amid_loss",
+    "assistant_log_probs",
+    "js",
+    "kl",
+    "rkl",
+    "tvd",
+]
+
+_LOG_HALF = math.log(0.5)
+# Below this |c| the generalised mean is the geometric one to far better than fp32 resolution
+# (they differ by O(c·(log p − log q)²)), and c·log p could underflow: use the α = 1 formula.
+_GEOMETRIC_C = 1e-20
+
+
+# -- divergences ---------------------------------------------------------------------------------
+# Each takes fp32 log-probabilities of one chunk, [N, V], where −inf marks an entry without mass
+# (never on both sides at once: the base gives such entries the neutral value log 1 on both sides),
+# and returns the sum over the chunk's tokens. They must stay NaN-free in value and gradient when
+# one side is −inf, so a product with a probability that may be 0 is guarded by `torch.where`
+# *before* anything infinite can enter it.
+
+
+def _plogratio(log_a: Tensor, log_b: Tensor) -> Tensor:
+    """Element-wise a·(log a − log b), with the convention 0·log(0/b) = 0 (gradient included)."""
+    a = log_a.exp()
+    # The difference is replaced where a = 0, so no inf ever meets the zero factor.
+    diff = torch.where(a > 0, log_a - log_b, torch.zeros_like(log_a))
+    return a * diff
+
+
+def kl(log_x: Tensor, log_r: Tensor, **_: float) -> Tensor:
+    """KL(x‖r) = Σ x·log(x/r)."""
+    return _plogratio(log_x, log_r).sum()
+
+
+def rkl(log_x: Tensor, log_r: Tensor, **_: float) -> Tensor:
+    """KL(r‖x) = Σ r·log(r/x)."""
+    return _plogratio(log_r, log_x).sum()
+
+
+def js(log_x: Tensor, log_r: Tensor, **_: float) -> Tensor:
+    """Jensen–Shannon with mixture weight ½: ½·KL(x‖m) + ½·KL(r‖m), m = ½(x + r).
+
+    Symmetric, bounded by log 2 per token, and zero only when x = r.
+    """
+    log_m = torch.logaddexp(log_x, log_r) + _LOG_HALF
+    return 0.5 * (_plogratio(log_x, log_m).sum() + _plogratio(log_r, log_m).sum())
+
+
+def tvd(log_x: Tensor, log_r: Tensor, **_: float) -> Tensor:
+    """Total variation ½·Σ|x − r|."""
+    return 0.5 * (log_x.exp() - log_r.exp()).abs().sum()
+
+
+def ab_divergence(
+    log_x: Tensor, log_r: Tensor, *, ab_alpha: float = 0.2, ab_beta: float = 0.7, **_: float
+) -> Tensor:
+    """The α-β divergence D_AB^(a,b)(x‖r) of Cichocki, Cruces and Amari (2011), as ABKD uses it.
+
+    With a = ab_alpha, b = ab_beta:
+
+        a, b, a+b ≠ 0:  −1/(ab) · Σ (x^a r^b − a/(a+b)·x^(a+b) − b/(a+b)·r^(a+b))
+        a ≠ 0, b = 0:   1/a²   · Σ (x^a·log(x^a/r^a) − x^a + r^a)
+        a = 0, b ≠ 0:   1/b²   · Σ (r^b·log(r^b/x^b) − r^b + x^b)
+        a = −b ≠ 0:     1/a²   · Σ (log(r^a/x^a) + (x/r)^a − 1)
+        a = b = 0:      ½      · Σ (log x − log r)²
+
+    Each branch is the limit of the general one, so the family is continuous in (a, b);
+    (1, 0) is KL(x‖r) and (0, 1) is KL(r‖x). Every power is taken as exp(k·log ·).
+    """
+    a, b = float(ab_alpha), float(ab_beta)
+    if a == 0.0 and b == 0.0:
+        return 0.5 * (log_x - log_r).square().sum()
+    if b == 0.0:
+        return (_plogratio(a * log_x, a * log_r) - (a * log_x).exp() + (a * log_r).exp()).sum() / (
+            a * a
+        )
+    if a == 0.0:
+        return (_plogratio(b * log_r, b * log_x) - (b * log_r).exp() + (b * log_x).exp()).sum() / (
+            b * b
+        )
+    if a + b == 0.0:
+        log_ratio = a * (log_x - log_r)
+        return (log_ratio.exp() - log_ratio - 1.0).sum() / (a * a)
+    s = a + b
+    cross = (a * log_x + b * log_r).exp()
+    return -(cross - (a / s) * (s * log_x).exp() - (b / s) * (s * log_r).exp()).sum() / (a * b)
+
+
+DivergenceFn = Callable[..., Tensor]
+
+# The closed registry users pick from by name; its keys are `core.presets.DIVERGENCES`.
+DIVERGENCE_FUNCTIONS: dict[str, DivergenceFn] = {
+    "kl": kl,
+    "rkl": rkl,
+    "ab": ab_divergence,
+    "js": js,
+    "tvd": tvd,
+}
+
+
+# -- the assistant distribution ----------------------------------------------------------------
+
+
+def _mixture(
+    log_p: Tensor, log_q: Tensor, alpha: float, lam: float
+) -> tuple[Tensor, Tensor | float]:
+    """log r (normalised) and w = ∂log r̃/∂log q, the q-weight of the mixture at each entry.
+
+    λ = 0 and λ = 1 return log q and log p themselves (no log 0 term is ever formed), and for
+    them w is the scalar 1 or 0. Entries where both p and q are 0 get log r = −inf and w = 0.
+    """
+    if lam == 0.0:
+        return log_q, 1.0
+    if lam == 1.0:
+        return log_p, 0.0
+    c = (1.0 - alpha) / 2.0
+    if abs(c) < _GEOMETRIC_C:
+        log_rt = lam * log_p + (1.0 - lam) * log_q
+        weight: Tensor | float = 1.0 - lam
+    else:
+        # c·log r̃ = logaddexp(log λ + c·log p, log(1−λ) + c·log q), rewritten around the larger
+        # of the two terms. With d = c·(log q − log p), on the side where d ≤ 0 ("p side"):
+        #   log r̃ = log p + log(λ + (1−λ)·e^d) / c,
+        # and on the other side the same with p ↔ q and λ ↔ 1−λ. The inner log(keep + move·e^−|d|)
+        # (keep + move = 1) is taken as log1p(move·expm1(−|d|)) where that is precise: exact where
+        # p = q (so p = q gives r = p), accurate as c → 0. Where the sum falls far below 1 the
+        # log1p form would lose `keep` to rounding (a tiny λ), so logaddexp takes over there.
+        # For c < 0 a zero on either side sends log r̃ to −inf: the support intersection.
+        d = (log_q - log_p).mul_(c)
+        p_side = d <= 0
+        neg_abs_d = d.abs().neg_()
+        move = torch.full_like(d, lam).masked_fill_(p_side, 1.0 - lam)
+        inner = torch.expm1(neg_abs_d).mul_(move)
+        far = inner < -0.5
+        inner = inner.log1p_()
+        if bool(far.any()):
+            log_keep = torch.full_like(d, math.log1p(-lam)).masked_fill_(p_side, math.log(lam))
+            log_move = torch.full_like(d, math.log(lam)).masked_fill_(p_side, math.log1p(-lam))
+            inner = torch.where(far, torch.logaddexp(log_keep, log_move.add_(neg_abs_d)), inner)
+            del log_keep, log_move
+        log_rt = torch.where(p_side, log_p, log_q).add_(inner.div_(c))
+        del p_side, neg_abs_d, move, inner, far
+        # d log r̃ / d log q = (1−λ)q^c / (λp^c + (1−λ)q^c) = sigmoid(d + log((1−λ)/λ)).
+        weight = torch.sigmoid(d.add_(math.log1p(-lam) - math.log(lam)))
+        del d
+        # p = q = 0 makes d NaN; such entries carry no mass and pass no gradient.
+        both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
+        if bool(both_zero.any()):
+            log_rt.masked_fill_(both_zero, -math.inf)
+            weight.masked_fill_(both_zero, 0.0)
+    log_r = log_rt - torch.logsumexp(log_rt, dim=-1, keepdim=True)
+    return log_r, weight
+
+
+def _check_knobs(alpha: float, lam: float) -> None:
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha: must be a finite number, got {alpha!r}")
+    if not math.isfinite(lam) or not 0.0 <= lam <= 1.0:
+        raise ValueError(f"lam: must lie in [0, 1], got {lam!r}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 at least (bf16/fp16 logits are upcast); float64 inputs keep float64.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def assistant_log_probs(
+    student_logits: Tensor, teacher_logits: Tensor, *, alpha: float, lam: float
+) -> Tensor:
+    """The normalised log r of the AMiD assistant, [..., V], in fp32 (or float64 inputs' dtype).
+
+    For inspection and evaluation; plain autograd flows through it, but `amid_loss` is the
+    training path (chunked, NaN-free on padded entries).
+    """
+    alpha, lam = float(alpha), float(lam)
+    _check_knobs(alpha, lam)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"teacher_logits: shape {tuple(teacher_logits.shape)} differs from student_logits "
+            f"{tuple(student_logits.shape)}"
+        )
+    dtype = _compute_dtype(torch.promote_types(student_logits.dtype, teacher_logits.dtype))
+    log_q = torch.log_softmax(student_logits.to(dtype), dim=-1)
+    log_p = torch.log_softmax(teacher_logits.to(dtype), dim=-1)
+    log_r, _ = _mixture(log_p, log_q, alpha, lam)
+    return log_r
+
+
+# -- the chunked loss ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Spec:
+    alpha: float
+    lam: float
+    divergence: DivergenceFn
+    student_anchor: bool
+    params: dict[str, float]
+    chunk_size: int
+    need_grad: bool  # False when the student needs no gradient (evaluation): value only
+
+
+def _chunk_loss(
+    student: Tensor, teacher: Tensor, spec: _Spec, need_grad: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Sum of D(x, r) over the chunk's rows and, if asked, its gradient w.r.t. `student`.
+
+    `student` and `teacher` are [N, V] in the compute dtype and carry no autograd history.
+    """
+    log_q = torch.log_softmax(student, dim=-1)
+    log_p = torch.log_softmax(teacher, dim=-1)
+    log_r, weight = _mixture(log_p, log_q, spec.alpha, spec.lam)
+    log_x = log_q if spec.student_anchor else log_p
+
+    # Entries with no mass on either side contribute nothing to any divergence; handing the
+    # divergence log 1 on both sides there keeps −inf − (−inf) out of it, and the gradient the
+    # divergence returns for them is discarded below.
+    neutral = torch.isneginf(log_x) & torch.isneginf(log_r)
+    has_neutral = bool(neutral.any())
+    if has_neutral:
+        log_x = log_x.masked_fill(neutral, 0.0)
+        log_r = log_r.masked_fill(neutral, 0.0)
+
+    if not need_grad:
+        return spec.divergence(log_x, log_r, **spec.params).detach(), None
+
+    with torch.enable_grad():
+        leaf_r = log_r.detach().requires_grad_()
+        leaf_x = log_x.detach().requires_grad_(spec.student_anchor)
+        value = spec.divergence(leaf_x, leaf_r, **spec.params)
+        if spec.student_anchor:
+            grad_x, grad_r = torch.autograd.grad(value, (leaf_x, leaf_r))
+        else:
+            (grad_r,) = torch.autograd.grad(value, (leaf_r,))
+            grad_x = None
+    if has_neutral:
+        grad_r.masked_fill_(neutral, 0.0)
+        if grad_x is not None:
+            grad_x.masked_fill_(neutral, 0.0)
+
+    # Through r = r̃/Σr̃ (skipped at λ ∈ {0, 1}, where r is q or p itself): g − r·Σg.
+    if isinstance(weight, Tensor) or weight not in (0.0, 1.0):
+        r = log_r.exp()
+        if has_neutral:
+            r.masked_fill_(neutral, 0.0)
+        grad_r = grad_r - r * grad_r.sum(dim=-1, keepdim=True)
+        del r
+    # Through the mixture into log q, plus the anchor's own path when the anchor is q.
+    grad_log_q = grad_r.mul_(weight)
+    if grad_x is not None:
+        grad_log_q.add_(grad_x)
+    # Through log q = z − logsumexp(z): g − q·Σg.
+    total = grad_log_q.sum(dim=-1, keepdim=True)
+    grad_student = grad_log_q.sub_(log_q.exp_().mul_(total))
+    return value.detach(), grad_student
+
+
+class _AmidLoss(torch.autograd.Function):
+    """Forward computes the loss and the student's gradient chunk by chunk; backward scales it."""
+
+    @staticmethod
+    def forward(
+        ctx: FunctionCtx,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        rows: Tensor,
+        spec: _Spec,
+    ) -> Tensor:
+        chunk_size, need_grad = spec.chunk_size, spec.need_grad
+        vocab = student_logits.shape[-1]
+        student = student_logits.detach().reshape(-1, vocab)
+        teacher = teacher_logits.detach().reshape(-1, vocab)
+        dtype = _compute_dtype(torch.promote_types(student.dtype, teacher.dtype))
+        count = rows.numel()
+        # Unmasked rows keep a zero gradient; the buffer is the only [B·T, V] allocation.
+        grad = torch.zeros_like(student) if need_grad else None
+        total = torch.zeros((), dtype=torch.float64, device=student.device)
+        for start in range(0, count, chunk_size):
+            index = rows[start : start + chunk_size]
+            value, chunk_grad = _chunk_loss(
+                student.index_select(0, index).to(dtype),
+                teacher.index_select(0, index).to(dtype),
+                spec,
+                need_grad,
+            )
+            total += value.double()
+            if grad is not None and chunk_grad is not None:
+                grad.index_copy_(0, index, chunk_grad.div_(count).to(grad.dtype))
+            del chunk_grad
+        loss = (total / max(count, 1)).to(dtype)
+        if grad is not None:
+            ctx.save_for_backward(grad.view_as(student_logits))
+        ctx.need_grad = need_grad  # type: ignore[attr-defined]
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        if not ctx.need_grad:
+            return None, None, None, None
+        (grad,) = ctx.saved_tensors
+        # Out of place: scaling the saved buffer in place would break a second backward
+        # (retain_graph); the common unit-weight case costs nothing.
+        if not torch.equal(grad_output, torch.ones_like(grad_output)):
+            grad = grad * grad_output.to(grad.dtype)
+        return grad, None, None, None
+
+
+def amid_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    *,
+    alpha: float,
+    lam: float,
+    divergence: str = "kl",
+    anchor: str = "teacher",
+    ab_alpha: float = 0.2,
+    ab_beta: float = 0.7,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """Mean over the masked tokens of D(x, r), a 0-dim fp32 tensor (float64 for float64 logits).
+
+    `student_logits` and `teacher_logits` are [..., V] (usually [B, T, V]) of any float dtype,
+    already aligned so that position t of both predicts the same token; `mask` is a bool tensor
+    of their leading shape (None: every position counts). The result is differentiable w.r.t.
+    the student logits only (through q and through r); the teacher is a constant. With no
+    masked position the loss is 0 and its gradient is 0.
+
+    `chunk_size` tokens are processed at a time in fp32; peak extra memory is one gradient
+    buffer the size of the student logits plus a few [chunk_size, V] fp32 tensors.
+    """
+    alpha, lam = float(alpha), float(lam)
+    _check_knobs(alpha, lam)
+    if divergence not in DIVERGENCE_FUNCTIONS:
+        raise ValueError(f"divergence: unknown {divergence!r}; expected one of {DIVERGENCES}")
+    if anchor not in ANCHORS:
+        raise ValueError(f"anchor: unknown {anchor!r}; expected one of {ANCHORS}")
+    ab_alpha, ab_beta = float(ab_alpha), float(ab_beta)
+    if not math.isfinite(ab_alpha):
+        raise ValueError(f"ab_alpha: must be a finite number, got {ab_alpha!r}")
+    if not math.isfinite(ab_beta):
+        raise ValueError(f"ab_beta: must be a finite number, got {ab_beta!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
+    if student_logits.dim() < 1 or not student_logits.is_floating_point():
+        raise ValueError("student_logits: must be a floating-point tensor [..., V]")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(
+            f"teacher_logits: shape {tuple(teacher_logits.shape)} differs from student_logits "
+            f"{tuple(student_logits.shape)}"
+        )
+    if not teacher_logits.is_floating_point():
+        raise ValueError("teacher_logits: must be a floating-point tensor")
+    leading = student_logits.shape[:-1]
+    if mask is None:
+        rows = torch.arange(leading.numel(), device=student_logits.device)
+    else:
+        if mask.shape != leading or mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask: expected a bool tensor of shape {tuple(leading)}, got "
+                f"{mask.dtype} {tuple(mask.shape)}"
+            )
+        rows = mask.to(student_logits.device).reshape(-1).nonzero().squeeze(-1)
+
+    spec = _Spec(
+        alpha=alpha,
+        lam=lam,
+        divergence=DIVERGENCE_FUNCTIONS[divergence],
+        student_anchor=anchor == "student",
+        params={"ab_alpha": ab_alpha, "ab_beta": ab_beta},
+        chunk_size=chunk_size,
+        need_grad=torch.is_grad_enabled() and student_logits.requires_grad,
+    )
+    loss: Tensor = _AmidLoss.apply(student_logits, teacher_logits, rows, spec)
+    return loss
