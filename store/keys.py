@@ -1,0 +1,57 @@
+"""API keys: the secret is shown once at creation; only its sha256 is stored."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from store.models import ApiKey, new_id, utcnow
+
+KEY_PREFIX = "amid_"
+
+
+def hash_secret(secret: str) -> str:
+    # A plain sha256 suffices: the secrets are 256 random bits, not guessable passwords.
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def create_api_key(session: Session, name: str, is_admin: bool = False) -> tuple[ApiKey, str]:
+    """A new key and its secret (returned here only; it cannot be recovered later)."""
+    secret = KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=new_id(),
+        name=name,
+        key_hash=hash_secret(secret),
+        is_admin=is_admin,
+        created_at=utcnow(),
+    )
+    session.add(key)
+    session.flush()
+    return key, secret
+
+
+def authenticate(session: Session, secret: str) -> ApiKey | None:
+    """The live key with this secret, or None (unknown or revoked)."""
+    if not secret:
+        return None
+    return session.execute(
+        sa.select(ApiKey).where(ApiKey.key_hash == hash_secret(secret), ApiKey.revoked_at.is_(None))
+    ).scalar_one_or_none()
+
+
+def revoke_api_key(session: Session, key_id: str) -> bool:
+    """Revoke a key; False if there is no live key with that id."""
+    result = session.execute(
+        sa.update(ApiKey)
+        .where(ApiKey.id == key_id, ApiKey.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+        .returning(ApiKey.id)
+    ).scalar_one_or_none()
+    return result is not None
+
+
+def list_api_keys(session: Session) -> list[ApiKey]:
+    return list(session.execute(sa.select(ApiKey).order_by(ApiKey.created_at)).scalars())
