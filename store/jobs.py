@@ -214,10 +214,18 @@ def list_jobs(
     limit: int = 50,
     after: str | None = None,
 ) -> list[Job]:
-    """Jobs newest first; `after` is a cursor from `encode_cursor` of the previous page's last job.
+    """Jobs newest first; `after` is a cursor from `encode_cursor` of the previous page's last job."""
+    query = list_jobs_query(owner=owner, status=status, limit=limit, after=after)
+    return list(session.execute(query).scalars())
 
-    Keyset pagination on (created_at, id): every page is an index range scan, as cheap at job
-    10,000 as at job 1 (an OFFSET would read and discard every earlier row).
+
+def list_jobs_query(
+    *, owner: str | None, status: str | None, limit: int, after: str | None
+) -> sa.Select[Job]:
+    """The listing's SQL: keyset pagination on (created_at, id).
+
+    Every page is one range scan of an index ((owner|status), created_at, id), as cheap at job
+    10,000 as at job 1, where an OFFSET would read and discard every earlier row.
     """
     query = sa.select(Job)
     if owner is not None:
@@ -227,8 +235,7 @@ def list_jobs(
     if after is not None:
         created_at, job_id = decode_cursor(after)
         query = query.where(sa.tuple_(Job.created_at, Job.id) < sa.tuple_(created_at, job_id))
-    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
-    return list(session.execute(query).scalars())
+    return query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
 
 
 def count_queued(session: Session, owner: str) -> int:
