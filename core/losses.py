@@ -141,6 +141,118 @@ DIVERGENCE_FUNCTIONS: dict[str, DivergenceFn] = {
 }
 
 
+# -- the same divergences with their gradients, in closed form ------------------------------------
+# The training path needs each chunk's value and its partial derivatives w.r.t. log x and log r.
+# Autograd through the functions above would keep every intermediate alive and cost a backward
+# pass; these compute the value and both partials together from a handful of tensors. The tests
+# check them against autograd through the functions above. `grad_x` is None unless asked for.
+
+ValueAndGrads = tuple[Tensor, Tensor | None, Tensor]
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Σ a·b without materialising the product."""
+    return torch.vdot(a.reshape(-1), b.reshape(-1))
+
+
+def _guarded_diff(prob: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
+    """log a − log b where prob > 0, else 0 (so 0·log(0/b) is 0 and no inf meets a zero)."""
+    return torch.where(prob > 0, log_a - log_b, torch.zeros((), dtype=log_a.dtype))
+
+
+def _kl_grads(log_x: Tensor, log_r: Tensor, need_x: bool, **_: float) -> ValueAndGrads:
+    # D = Σ x(log x − log r):  ∂/∂log x = x(log x − log r + 1),  ∂/∂log r = −x.
+    x = log_x.exp()
+    diff = _guarded_diff(x, log_x, log_r)
+    value = _dot(x, diff)
+    grad_x = diff.add_(1.0).mul_(x) if need_x else None
+    return value, grad_x, x.neg_()
+
+
+def _rkl_grads(log_x: Tensor, log_r: Tensor, need_x: bool, **_: float) -> ValueAndGrads:
+    # D = Σ r(log r − log x):  ∂/∂log r = r(log r − log x + 1),  ∂/∂log x = −r.
+    r = log_r.exp()
+    diff = _guarded_diff(r, log_r, log_x)
+    value = _dot(r, diff)
+    grad_r = diff.add_(1.0).mul_(r)
+    return value, (r.neg_() if need_x else None), grad_r
+
+
+def _js_grads(log_x: Tensor, log_r: Tensor, need_x: bool, **_: float) -> ValueAndGrads:
+    # With m = ½(x + r) the terms through log m cancel: ∂/∂log x = ½x(log x − log m), likewise r.
+    log_m = torch.logaddexp(log_x, log_r).add_(_LOG_HALF)
+    r = log_r.exp()
+    grad_r = _guarded_diff(r, log_r, log_m).mul_(r).mul_(0.5)
+    del r
+    x = log_x.exp()
+    grad_x = _guarded_diff(x, log_x, log_m).mul_(x).mul_(0.5)
+    value = grad_x.sum() + grad_r.sum()
+    return value, (grad_x if need_x else None), grad_r
+
+
+def _tvd_grads(log_x: Tensor, log_r: Tensor, need_x: bool, **_: float) -> ValueAndGrads:
+    # ∂/∂log x = ½·sign(x − r)·x, ∂/∂log r = −½·sign(x − r)·r (0 at the kink x = r).
+    x = log_x.exp()
+    r = log_r.exp()
+    sign = torch.sub(x, r).sign_()
+    value = 0.5 * _dot(sign, x - r)
+    grad_x = x.mul_(sign).mul_(0.5) if need_x else None
+    return value, grad_x, r.mul_(sign).mul_(-0.5)
+
+
+def _ab_grads(
+    log_x: Tensor,
+    log_r: Tensor,
+    need_x: bool,
+    *,
+    ab_alpha: float = 0.2,
+    ab_beta: float = 0.7,
+    **_: float,
+) -> ValueAndGrads:
+    a, b = float(ab_alpha), float(ab_beta)
+    if a == 0.0 and b == 0.0:
+        delta = log_x - log_r
+        value = 0.5 * _dot(delta, delta)
+        return value, (delta.clone() if need_x else None), delta.neg_()
+    if b == 0.0:
+        # ∂/∂log x = x^a(log x − log r), ∂/∂log r = (r^a − x^a)/a.
+        xa = (a * log_x).exp()
+        diff = _guarded_diff(xa, log_x, log_r)
+        grad_r = (a * log_r).exp_().sub_(xa).div_(a)
+        value = (a * _dot(xa, diff) + a * grad_r.sum()) / (a * a)
+        return value, (diff.mul_(xa) if need_x else None), grad_r
+    if a == 0.0:
+        rb = (b * log_r).exp()
+        diff = _guarded_diff(rb, log_r, log_x)
+        grad_x = (b * log_x).exp_().sub_(rb).div_(b)
+        value = (b * _dot(rb, diff) + b * grad_x.sum()) / (b * b)
+        return value, (grad_x if need_x else None), diff.mul_(rb)
+    if a + b == 0.0:
+        # With L = a(log x − log r): D = Σ(e^L − L − 1)/a², ∂/∂log x = (e^L − 1)/a = −∂/∂log r.
+        ratio = (log_x - log_r).mul_(a)
+        value = (ratio.exp().sum() - ratio.sum() - ratio.numel()) / (a * a)
+        grad_x = ratio.expm1_().div_(a)
+        return value, (grad_x.clone() if need_x else None), grad_x.neg_()
+    # General: ∂/∂log x = −(x^a r^b − x^(a+b))/b, ∂/∂log r = −(x^a r^b − r^(a+b))/a, and
+    # D = (Σ∂/∂log x + Σ∂/∂log r)/(a+b): summing the element-wise differences rather than three
+    # separate sums of size ~1 keeps D accurate where x ≈ r.
+    s = a + b
+    cross = (a * log_x).add_(log_r, alpha=b).exp_()
+    grad_x = (s * log_x).exp_().sub_(cross).div_(b)
+    grad_r = (s * log_r).exp_().neg_().add_(cross).div_(-a)
+    del cross
+    value = (grad_x.sum() + grad_r.sum()) / s
+    return value, (grad_x if need_x else None), grad_r
+
+
+_VALUE_AND_GRADS: dict[str, Callable[..., ValueAndGrads]] = {
+    "kl": _kl_grads,
+    "rkl": _rkl_grads,
+    "ab": _ab_grads,
+    "js": _js_grads,
+    "tvd": _tvd_grads,
+}
+
 # -- the assistant distribution ----------------------------------------------------------------
 
 
@@ -236,6 +348,7 @@ def assistant_log_probs(
 class _Spec:
     alpha: float
     lam: float
+    name: str
     divergence: DivergenceFn
     student_anchor: bool
     params: dict[str, float]
@@ -243,39 +356,40 @@ class _Spec:
     need_grad: bool  # False when the student needs no gradient (evaluation): value only
 
 
-def _chunk_loss(
-    student: Tensor, teacher: Tensor, spec: _Spec, need_grad: bool
-) -> tuple[Tensor, Tensor | None]:
-    """Sum of D(x, r) over the chunk's rows and, if asked, its gradient w.r.t. `student`.
+def _log_softmax_rows(logits: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor:
+    """log-softmax of the selected rows in `dtype`, computed in place on the gathered copy."""
+    rows = logits.index_select(0, index).to(dtype)
+    return rows.sub_(torch.logsumexp(rows, dim=-1, keepdim=True))
 
-    `student` and `teacher` are [N, V] in the compute dtype and carry no autograd history.
+
+def _chunk_loss(
+    student: Tensor, teacher: Tensor, index: Tensor, spec: _Spec, dtype: torch.dtype
+) -> tuple[Tensor, Tensor | None]:
+    """Sum of D(x, r) over the rows `index` and, if `spec.need_grad`, its gradient w.r.t. those
+    rows of `student` (fp32/`dtype`). Tensors are released as soon as they are last used: the
+    peak of this function is the loss's peak extra memory.
     """
-    log_q = torch.log_softmax(student, dim=-1)
-    log_p = torch.log_softmax(teacher, dim=-1)
+    log_q = _log_softmax_rows(student, index, dtype)
+    log_p = _log_softmax_rows(teacher, index, dtype)
     log_r, weight = _mixture(log_p, log_q, spec.alpha, spec.lam)
     log_x = log_q if spec.student_anchor else log_p
 
     # Entries with no mass on either side contribute nothing to any divergence; handing the
-    # divergence log 1 on both sides there keeps −inf − (−inf) out of it, and the gradient the
-    # divergence returns for them is discarded below.
+    # divergence log 1 on both sides there keeps −inf − (−inf) out of it, and the gradient it
+    # returns for them is discarded below.
     neutral = torch.isneginf(log_x) & torch.isneginf(log_r)
     has_neutral = bool(neutral.any())
     if has_neutral:
         log_x = log_x.masked_fill(neutral, 0.0)
         log_r = log_r.masked_fill(neutral, 0.0)
 
-    if not need_grad:
-        return spec.divergence(log_x, log_r, **spec.params).detach(), None
+    if not spec.need_grad:
+        return spec.divergence(log_x, log_r, **spec.params), None
 
-    with torch.enable_grad():
-        leaf_r = log_r.detach().requires_grad_()
-        leaf_x = log_x.detach().requires_grad_(spec.student_anchor)
-        value = spec.divergence(leaf_x, leaf_r, **spec.params)
-        if spec.student_anchor:
-            grad_x, grad_r = torch.autograd.grad(value, (leaf_x, leaf_r))
-        else:
-            (grad_r,) = torch.autograd.grad(value, (leaf_r,))
-            grad_x = None
+    value, grad_x, grad_r = _VALUE_AND_GRADS[spec.name](
+        log_x, log_r, spec.student_anchor, **spec.params
+    )
+    del log_x, log_p
     if has_neutral:
         grad_r.masked_fill_(neutral, 0.0)
         if grad_x is not None:
@@ -283,19 +397,22 @@ def _chunk_loss(
 
     # Through r = r̃/Σr̃ (skipped at λ ∈ {0, 1}, where r is q or p itself): g − r·Σg.
     if isinstance(weight, Tensor) or weight not in (0.0, 1.0):
-        r = log_r.exp()
+        total = grad_r.sum(dim=-1, keepdim=True)
+        r = log_r.exp_()  # log_r is a tensor of its own here, no longer needed as a log
         if has_neutral:
             r.masked_fill_(neutral, 0.0)
-        grad_r = grad_r - r * grad_r.sum(dim=-1, keepdim=True)
+        grad_r.sub_(r.mul_(total))
         del r
+    del log_r
     # Through the mixture into log q, plus the anchor's own path when the anchor is q.
     grad_log_q = grad_r.mul_(weight)
+    del weight
     if grad_x is not None:
         grad_log_q.add_(grad_x)
+        del grad_x
     # Through log q = z − logsumexp(z): g − q·Σg.
     total = grad_log_q.sum(dim=-1, keepdim=True)
-    grad_student = grad_log_q.sub_(log_q.exp_().mul_(total))
-    return value.detach(), grad_student
+    return value, grad_log_q.sub_(log_q.exp_().mul_(total))
 
 
 class _AmidLoss(torch.autograd.Function):
@@ -320,12 +437,7 @@ class _AmidLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float64, device=student.device)
         for start in range(0, count, chunk_size):
             index = rows[start : start + chunk_size]
-            value, chunk_grad = _chunk_loss(
-                student.index_select(0, index).to(dtype),
-                teacher.index_select(0, index).to(dtype),
-                spec,
-                need_grad,
-            )
+            value, chunk_grad = _chunk_loss(student, teacher, index, spec, dtype)
             total += value.double()
             if grad is not None and chunk_grad is not None:
                 grad.index_copy_(0, index, chunk_grad.div_(count).to(grad.dtype))
@@ -409,6 +521,7 @@ def amid_loss(
     spec = _Spec(
         alpha=alpha,
         lam=lam,
+        name=divergence,
         divergence=DIVERGENCE_FUNCTIONS[divergence],
         student_anchor=anchor == "student",
         params={"ab_alpha": ab_alpha, "ab_beta": ab_beta},
