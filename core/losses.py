@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
@@ -238,11 +239,15 @@ def _ab_grads(
     # separate sums of size ~1 keeps D accurate where x ≈ r.
     s = a + b
     cross = (a * log_x).add_(log_r, alpha=b).exp_()
-    grad_x = (s * log_x).exp_().sub_(cross).div_(b)
+    partial_x = (s * log_x).exp_().sub_(cross).div_(b)
+    sum_x = partial_x.sum()
+    # Unless asked for, ∂/∂log x is released before ∂/∂log r exists: one [N, V] less at the peak.
+    kept_x = partial_x if need_x else None
+    del partial_x
     grad_r = (s * log_r).exp_().neg_().add_(cross).div_(-a)
     del cross
-    value = (grad_x.sum() + grad_r.sum()) / s
-    return value, (grad_x if need_x else None), grad_r
+    value = (sum_x + grad_r.sum()) / s
+    return value, kept_x, grad_r
 
 
 _VALUE_AND_GRADS: dict[str, Callable[..., ValueAndGrads]] = {
@@ -272,38 +277,36 @@ def _mixture(
     if abs(c) < _GEOMETRIC_C:
         log_rt = lam * log_p + (1.0 - lam) * log_q
         weight: Tensor | float = 1.0 - lam
+        # A zero on either side is a zero of p^λ·q^(1−λ); spelled out because a λ below fp32's
+        # range turns λ·log 0 into 0·(−inf) = NaN.
+        either_zero = torch.isneginf(log_p) | torch.isneginf(log_q)
+        if bool(either_zero.any()):
+            log_rt.masked_fill_(either_zero, -math.inf)
     else:
-        # c·log r̃ = logaddexp(log λ + c·log p, log(1−λ) + c·log q), rewritten around the larger
-        # of the two terms. With d = c·(log q − log p), on the side where d ≤ 0 ("p side"):
-        #   log r̃ = log p + log(λ + (1−λ)·e^d) / c,
-        # and on the other side the same with p ↔ q and λ ↔ 1−λ. The inner log(keep + move·e^−|d|)
-        # (keep + move = 1) is taken as log1p(move·expm1(−|d|)) where that is precise: exact where
-        # p = q (so p = q gives r = p), accurate as c → 0. Where the sum falls far below 1 the
-        # log1p form would lose `keep` to rounding (a tiny λ), so logaddexp takes over there.
+        # c·log r̃ = logaddexp(log λ + c·log p, log(1−λ) + c·log q), taken relative to the
+        # student's term: with t = c·(log p − log q) + log(λ/(1−λ)),
+        #   log r̃ = log q + (log(1−λ) + softplus(t)) / c,   ∂log r̃/∂log q = sigmoid(−t).
+        # One [N, V] temporary besides the two outputs, no overflow (softplus is linear for large
+        # t), and p = q gives the same t everywhere, a constant the normalisation removes.
         # For c < 0 a zero on either side sends log r̃ to −inf: the support intersection.
-        d = (log_q - log_p).mul_(c)
-        p_side = d <= 0
-        neg_abs_d = d.abs().neg_()
-        move = torch.full_like(d, lam).masked_fill_(p_side, 1.0 - lam)
-        inner = torch.expm1(neg_abs_d).mul_(move)
-        far = inner < -0.5
-        inner = inner.log1p_()
-        if bool(far.any()):
-            log_keep = torch.full_like(d, math.log1p(-lam)).masked_fill_(p_side, math.log(lam))
-            log_move = torch.full_like(d, math.log(lam)).masked_fill_(p_side, math.log1p(-lam))
-            inner = torch.where(far, torch.logaddexp(log_keep, log_move.add_(neg_abs_d)), inner)
-            del log_keep, log_move
-        log_rt = torch.where(p_side, log_p, log_q).add_(inner.div_(c))
-        del p_side, neg_abs_d, move, inner, far
-        # d log r̃ / d log q = (1−λ)q^c / (λp^c + (1−λ)q^c) = sigmoid(d + log((1−λ)/λ)).
-        weight = torch.sigmoid(d.add_(math.log1p(-lam) - math.log(lam)))
-        del d
-        # p = q = 0 makes d NaN; such entries carry no mass and pass no gradient.
-        both_zero = torch.isneginf(log_p) & torch.isneginf(log_q)
-        if bool(both_zero.any()):
+        t = (log_p - log_q).mul_(c).add_(math.log(lam) - math.log1p(-lam))
+        weight = torch.sigmoid(t.neg())
+        log_rt = F.softplus(t).add_(math.log1p(-lam)).div_(c).add_(log_q)
+        del t
+        q_zero = torch.isneginf(log_q)
+        if bool(q_zero.any()):
+            p_zero = torch.isneginf(log_p)
+            if c > 0:
+                # q = 0 < p: r̃ = λ^(1/c)·p, which the form around log q cannot express (∞ − ∞).
+                only_p = q_zero & ~p_zero
+                log_rt = torch.where(only_p, log_p + math.log(lam) / c, log_rt)
+                weight.masked_fill_(only_p, 0.0)
+            # p = q = 0: no mass and no gradient (t is NaN there).
+            both_zero = q_zero & p_zero
             log_rt.masked_fill_(both_zero, -math.inf)
             weight.masked_fill_(both_zero, 0.0)
-    log_r = log_rt - torch.logsumexp(log_rt, dim=-1, keepdim=True)
+    # In place: log_rt is always a fresh tensor here, never log p or log q.
+    log_r = log_rt.sub_(torch.logsumexp(log_rt, dim=-1, keepdim=True))
     return log_r, weight
 
 

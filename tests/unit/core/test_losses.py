@@ -431,7 +431,7 @@ def test_chunked_equals_unchunked(
     whole, whole_grad = loss_and_grad(student, teacher, mask, chunk_size=B * T, **knobs)
     part, part_grad = loss_and_grad(student, teacher, mask, chunk_size=chunk_size, **knobs)
     torch.testing.assert_close(part, whole, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(part_grad, whole_grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(part_grad, whole_grad, rtol=1e-5, atol=1e-8)
 
 
 @settings(max_examples=25, deadline=None)
