@@ -44,7 +44,7 @@ class JobNotCancellable(AmidError):
     status_code = 409
 
     def __init__(self, job: Job):
-        super().__init__(f"job {job.id} has already {job.status}; it cannot be cancelled")
+        super().__init__(f"job {job.id} is already {job.status}; it cannot be cancelled")
         self.job_id = job.id
 
 
@@ -135,7 +135,7 @@ def create_job(
     which is rolled back, and it reads the winner's row instead.
     """
     if idempotency_key is not None:
-        existing = _by_idempotency_key(session, owner, idempotency_key)
+        existing = find_by_idempotency_key(session, owner, idempotency_key)
         if existing is not None:
             return _replayed(existing, settings), False
     now = utcnow()
@@ -160,7 +160,7 @@ def create_job(
     except IntegrityError:
         if idempotency_key is None:
             raise
-        existing = _by_idempotency_key(session, owner, idempotency_key)
+        existing = find_by_idempotency_key(session, owner, idempotency_key)
         if existing is None:
             raise
         return _replayed(existing, settings), False
@@ -168,7 +168,7 @@ def create_job(
     return job, True
 
 
-def _by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
+def find_by_idempotency_key(session: Session, owner: str, key: str) -> Job | None:
     return session.execute(
         sa.select(Job).where(Job.owner == owner, Job.idempotency_key == key)
     ).scalar_one_or_none()

@@ -55,3 +55,9 @@ def revoke_api_key(session: Session, key_id: str) -> bool:
 
 def list_api_keys(session: Session) -> list[ApiKey]:
     return list(session.execute(sa.select(ApiKey).order_by(ApiKey.created_at)).scalars())
+
+
+def lock_key(session: Session, key_id: str) -> None:
+    """Row-lock the key until the transaction ends, serialising per-key checks such as the queued
+    limit (two concurrent submissions could otherwise both see room for one more)."""
+    session.execute(sa.select(ApiKey.id).where(ApiKey.id == key_id).with_for_update())

@@ -1,0 +1,129 @@
+"""One error shape for every failure: `{"error": ClassName, "detail": ..., "field": ...}`.
+
+Expected failures are `AmidError`s with their own status; request validation errors are 422s
+naming the field; a database that cannot be reached is a 503. Nothing reaches the client as a
+traceback: an unexpected error is logged here and answered with a bare 500 body.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any, cast
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from core.errors import AmidError
+from store.db import DatabaseUnavailable
+
+logger = logging.getLogger(__name__)
+
+_SOURCES = {"body", "query", "path", "header", "cookie"}
+# A model-level check reports no location; its message starts with the field it is about.
+_LEADING_FIELD = re.compile(r"^(?:Value error, )?([A-Za-z_][\w.]*): ")
+_HTTP_NAMES = {
+    400: "BadRequest",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "NotFound",
+    405: "MethodNotAllowed",
+    413: "RequestTooLarge",
+    415: "UnsupportedMediaType",
+}
+
+
+class Unauthorized(AmidError):
+    status_code = 401
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while the body is read; FastAPI passes HTTPExceptions through its body parsing."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds {limit} bytes")
+
+
+def error_body(error: str, detail: str, field: str | None, **extra: Any) -> dict[str, Any]:
+    return {"error": error, "detail": detail, "field": field, **extra}
+
+
+def _field(loc: Sequence[Any], message: str) -> str | None:
+    parts = [str(part) for part in loc]
+    if parts and parts[0] in _SOURCES:
+        parts = parts[1:]
+    # Drop pydantic's internal steps (union members, validator wrappers) from the path.
+    parts = [part for part in parts if "[" not in part]
+    if parts:
+        return ".".join(parts)
+    match = _LEADING_FIELD.match(message)
+    return match.group(1) if match else None
+
+
+def _describe(err: dict[str, Any]) -> dict[str, Any]:
+    message = str(err.get("msg", "")).removeprefix("Value error, ")
+    if err.get("type") == "json_invalid":
+        # The location is a character offset in the body, not a field.
+        position = err.get("ctx", {}).get("error") or message
+        return {"field": "body", "message": f"malformed JSON: {position}", "type": "json_invalid"}
+    return {
+        "field": _field(err.get("loc", ()), message),
+        "message": message,
+        "type": err.get("type"),
+    }
+
+
+# Starlette types every handler as taking Exception; each is registered for one class only.
+
+
+async def _amid_error(_: Request, raised: Exception) -> JSONResponse:
+    exc = cast(AmidError, raised)
+    headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
+    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+
+
+async def _validation_error(_: Request, raised: Exception) -> JSONResponse:
+    exc = cast(RequestValidationError, raised)
+    errors = [_describe(err) for err in exc.errors()]
+    first = errors[0] if errors else {"field": None, "message": "invalid request"}
+    field, message = first["field"], str(first["message"])
+    detail = f"{field}: {message}" if field and not message.startswith(f"{field}:") else message
+    body = error_body("ValidationError", str(detail), first["field"], errors=errors)
+    return JSONResponse(body, status_code=422)
+
+
+async def _http_error(_: Request, raised: Exception) -> JSONResponse:
+    exc = cast(StarletteHTTPException, raised)
+    name = _HTTP_NAMES.get(exc.status_code, "HTTPError")
+    return JSONResponse(
+        error_body(name, str(exc.detail), None),
+        status_code=exc.status_code,
+        headers=getattr(exc, "headers", None),
+    )
+
+
+async def _database_down(_: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database unavailable: %s", exc)
+    error = DatabaseUnavailable("the job database is unavailable; retry shortly")
+    return JSONResponse(error.to_dict(), status_code=503, headers={"Retry-After": "5"})
+
+
+async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error", exc_info=exc)
+    return JSONResponse(
+        error_body("InternalError", "an unexpected error occurred; it has been logged", None),
+        status_code=500,
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(AmidError, _amid_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(OperationalError, _database_down)
+    app.add_exception_handler(InterfaceError, _database_down)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,40 @@
+"""The amid REST API: `uvicorn api.main:app`, or `create_app()` for a configured instance.
+
+Torch-free by construction: it imports the store, the run settings and FastAPI only (a test
+runs `import api.main` with torch made unimportable).
+"""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from api.errors import install_error_handlers
+from api.middleware import BodySizeLimit
+from api.routes import health, jobs
+
+DESCRIPTION = """
+Submit AMiD knowledge-distillation jobs and follow them: status, progress, events, metrics,
+checkpoints, and the final student as a download.
+
+Every `/v1` route needs an API key, sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`
+(create one with `amid keys create NAME`). A key sees and cancels its own jobs; an admin key
+sees all. Errors have one shape: `{"error": ClassName, "detail": message, "field": field}`.
+"""
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="amid",
+        version="1",
+        description=DESCRIPTION,
+        # Body parsing errors, 404s and 405s use the same error shape as everything else.
+        separate_input_output_schemas=False,
+    )
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    return app
+
+
+app = create_app()

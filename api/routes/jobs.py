@@ -1,0 +1,183 @@
+"""/v1/jobs: submit, list, read, cancel, and a job's events, metrics, checkpoints and student."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Response, status
+from fastapi.responses import StreamingResponse
+
+from api import service
+from api.deps import CallerDep, EnqueueDep, SessionDep
+from api.schemas import (
+    CheckpointList,
+    ErrorOut,
+    EventPage,
+    JobOut,
+    JobPage,
+    MetricSeries,
+    job_out,
+)
+from core.settings import DistillSettings
+from store.artifacts import ArtifactNotFound, get_artifact_store
+from store.states import JobStatus
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorOut, "description": "No API key, or an unknown or revoked one."},
+    404: {"model": ErrorOut, "description": "No such job visible to this key."},
+    422: {"model": ErrorOut, "description": "A field is invalid; `field` names it."},
+    503: {"model": ErrorOut, "description": "The job database is unavailable."},
+}
+
+SUBMIT_EXAMPLES = {
+    "preset": {
+        "summary": "A paper preset on hub models",
+        "value": {
+            "teacher": "gpt2-xl",
+            "student": "gpt2",
+            "dataset": "databricks/databricks-dolly-15k",
+            "preset": "amid",
+            "max_steps": 2000,
+        },
+    },
+    "explicit": {
+        "summary": "Every loss knob explicit, local data",
+        "value": {
+            "teacher": "models/teacher",
+            "student": "models/student",
+            "dataset": {"source": "data/dolly.jsonl", "format": "dolly"},
+            "alpha": -3.0,
+            "lambda": 0.1,
+            "divergence": "ab",
+            "anchor": "teacher",
+            "max_steps": 500,
+            "batch_size": 8,
+        },
+    },
+}
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+
+JobId = Annotated[str, "a job id (32 hex characters)"]
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=JobOut,
+    responses={
+        200: {"model": JobOut, "description": "Replay: this Idempotency-Key's existing job."},
+        409: {"model": ErrorOut, "description": "Idempotency-Key reused with other settings."},
+        413: {"model": ErrorOut, "description": "Body larger than the server allows."},
+        429: {"model": ErrorOut, "description": "This key has too many jobs queued."},
+    },
+    summary="Submit a distillation job",
+)
+def submit_job(
+    *,
+    session: SessionDep,
+    caller: CallerDep,
+    enqueue: EnqueueDep,
+    response: Response,
+    settings: Annotated[DistillSettings, Body(openapi_examples=SUBMIT_EXAMPLES)],
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            description="Same key from the same API key returns the same job (status 200).",
+            max_length=255,
+        ),
+    ] = None,
+) -> JobOut:
+    job, created = service.submit_job(session, caller, settings, idempotency_key, enqueue)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    if not created:
+        response.status_code = status.HTTP_200_OK
+        response.headers["Idempotent-Replayed"] = "true"
+    return job
+
+
+@router.get("", response_model=JobPage, summary="List jobs, newest first")
+def list_jobs(
+    session: SessionDep,
+    caller: CallerDep,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    after: Annotated[
+        str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
+    ] = None,
+    status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+) -> JobPage:
+    return service.list_jobs(
+        session, caller, status=status.value if status else None, limit=limit, after=after
+    )
+
+
+@router.get("/{job_id}", response_model=JobOut, summary="One job")
+def get_job(session: SessionDep, caller: CallerDep, job_id: JobId) -> JobOut:
+    return job_out(service.load_job(session, caller, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobOut,
+    responses={409: {"model": ErrorOut, "description": "The job has already finished."}},
+    summary="Cancel a job (queued: at once; running: at the next step)",
+)
+def cancel_job(session: SessionDep, caller: CallerDep, job_id: JobId) -> JobOut:
+    return service.cancel_job(session, caller, job_id)
+
+
+@router.get("/{job_id}/events", response_model=EventPage, summary="A job's events, in order")
+def list_events(
+    session: SessionDep,
+    caller: CallerDep,
+    job_id: JobId,
+    after: Annotated[
+        int | None, Query(ge=0, le=2**62, description="Only events after this id.")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> EventPage:
+    return service.list_events(session, caller, job_id, after=after, limit=limit)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricSeries, summary="A job's metric series")
+def list_metrics(
+    *,
+    session: SessionDep,
+    caller: CallerDep,
+    job_id: JobId,
+    name: Annotated[
+        str | None, Query(max_length=128, description="One series, e.g. train/loss.")
+    ] = None,
+    after_step: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+) -> MetricSeries:
+    return service.list_metrics(
+        session, caller, job_id, name=name, after_step=after_step, limit=limit
+    )
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="A job's checkpoints")
+def list_checkpoints(session: SessionDep, caller: CallerDep, job_id: JobId) -> CheckpointList:
+    return service.list_checkpoints(session, caller, job_id)
+
+
+@router.get(
+    "/{job_id}/student",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/gzip": {}}, "description": "tar.gz of the student."},
+        409: {"model": ErrorOut, "description": "No final student yet."},
+    },
+    summary="Download the final student as a tar.gz",
+)
+def download_student(session: SessionDep, caller: CallerDep, job_id: JobId) -> StreamingResponse:
+    uri = service.student_uri(session, caller, job_id)
+    store = get_artifact_store()
+    # Checked before streaming: once bytes are on the wire, an error can no longer be a 4xx.
+    if not store.exists(uri):
+        raise ArtifactNotFound(f"the student of job {job_id} is missing from artifact storage")
+    return StreamingResponse(
+        store.iter_archive(uri, prefix=f"student-{job_id}"),
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="student-{job_id}.tar.gz"'},
+    )
