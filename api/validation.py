@@ -119,7 +119,10 @@ def _check_source(
 ) -> str:
     """A local path under `roots` (returned resolved) or an allowed hub id (returned as is)."""
     path, explicit = _as_path(source, field, base)
-    if explicit or path.exists():
+    # `models/missing` where ./models is a local directory means a missing local path, not
+    # a hub id of an org called "models".
+    looks_local = "/" in source and (base / source.split("/", 1)[0]).is_dir()
+    if explicit or looks_local or path.exists():
         return str(_under_roots(path, roots, field))
     if not HUB_ID.fullmatch(source) or ".." in source:
         raise SettingRefused(
