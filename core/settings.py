@@ -199,6 +199,10 @@ class DistillSettings(_Strict):
     eval_max_samples: PositiveInt = Field(
         64, description="Eval prompts generated for ROUGE-L at each evaluation."
     )
+    eval_at_start: bool = Field(
+        False,
+        description="Also evaluate the student before the first step (a baseline for eval/rouge_l).",
+    )
 
     @model_validator(mode="before")
     @classmethod
