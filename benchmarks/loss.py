@@ -1,0 +1,319 @@
+"""Forward+backward time and peak extra memory of `amid_loss` against a dense implementation.
+
+The dense baseline is written the way the AMiD paper's own code (and DistiLLM's before it)
+computes the loss: every [B, T, V] fp32 tensor at once, probabilities raised to powers, plain
+autograd keeping all of them for backward. Both get the same inputs in the same run.
+
+Memory on CPU: every case runs in a fresh subprocess; peak extra memory is the growth of the
+process's peak resident set size (`resource.getrusage(...).ru_maxrss`) from just after the
+inputs are built to just after one forward+backward (see `run_in_subprocess` for the allocator
+setting that makes RSS follow live memory). That counts everything the
+loss allocates, the student's gradient included. On CUDA: `torch.cuda.max_memory_allocated`
+minus the memory allocated before the call, after `reset_peak_memory_stats`.
+
+Time: the median of `--repeats` forward+backward calls after the memory-measuring one.
+
+    python -m benchmarks.loss                 # full table, CPU (and CUDA if present)
+    python -m benchmarks.loss --quick         # small token counts, a few seconds
+    python -m benchmarks.loss --write BENCHMARKS.md
+    python -m benchmarks.loss --divergence kl --chunk-size 64 --chunk-size 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from core.losses import DIVERGENCE_FUNCTIONS, amid_loss
+
+VOCAB = 50_257  # GPT-2's vocabulary
+# The paper's strongest GPT-2 / Dolly setting: α = −5, λ = 0.1, D_AB^(0.2, 0.7)(p‖r).
+ALPHA, LAM, AB_ALPHA, AB_BETA = -5.0, 0.1, 0.2, 0.7
+
+
+def dense_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, divergence: str
+) -> torch.Tensor:
+    """The paper-style loss: whole-batch fp32 probabilities, powers, plain autograd."""
+    teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
+    student_probs = F.softmax(student_logits, dim=-1, dtype=torch.float32)
+    c = (1.0 - ALPHA) / 2.0
+    mixed = (LAM * teacher_probs**c + (1.0 - LAM) * student_probs**c) ** (1.0 / c)
+    mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+    if divergence == "kl":
+        per_token = (teacher_probs * (torch.log(teacher_probs) - torch.log(mixed))).sum(-1)
+    else:
+        a, b = AB_ALPHA, AB_BETA
+        term = (
+            teacher_probs**a * mixed**b
+            - a / (a + b) * teacher_probs ** (a + b)
+            - b / (a + b) * mixed ** (a + b)
+        )
+        per_token = -term.sum(-1) / (a * b)
+    weights = mask.float()
+    return (per_token * weights).sum() / weights.sum()
+
+
+def chunked_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    mask: torch.Tensor,
+    divergence: str,
+    chunk_size: int,
+) -> torch.Tensor:
+    return amid_loss(
+        student_logits,
+        teacher_logits,
+        mask,
+        alpha=ALPHA,
+        lam=LAM,
+        divergence=divergence,
+        ab_alpha=AB_ALPHA,
+        ab_beta=AB_BETA,
+        chunk_size=chunk_size,
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    impl: str  # "dense" or "amid"
+    tokens: int
+    divergence: str
+    chunk_size: int  # amid only
+    device: str
+    repeats: int  # 0: measure memory only
+
+    @property
+    def label(self) -> str:
+        return "dense" if self.impl == "dense" else f"amid (chunk {self.chunk_size})"
+
+
+def _peak_rss_bytes() -> int:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _call(
+    case: Case, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    student.grad = None
+    if case.impl == "dense":
+        loss = dense_loss(student, teacher, mask, case.divergence)
+    else:
+        loss = chunked_loss(student, teacher, mask, case.divergence, case.chunk_size)
+    loss.backward()
+    return loss.detach()
+
+
+def _warm_up(case: Case, device: torch.device) -> None:
+    """One call on 8 tokens: the first call loads kernels and starts autograd's threads, which
+    costs a few hundred MiB of RSS that belongs to neither implementation."""
+    student = torch.randn(2, 4, VOCAB, device=device, requires_grad=True)
+    teacher = torch.randn(2, 4, VOCAB, device=device)
+    _call(case, student, teacher, torch.ones(2, 4, dtype=torch.bool, device=device))
+
+
+def run_case(case: Case) -> dict[str, float]:
+    """One case in this process: peak extra memory (bytes), median time (s), loss value."""
+    device = torch.device(case.device)
+    _warm_up(case, device)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    # Batch of 4 sequences; logits on the scale of a trained LM's.
+    batch = 4
+    shape = (batch, case.tokens // batch, VOCAB)
+    # Scaled in place: a temporary here would raise the baseline peak RSS by a whole tensor.
+    student = torch.randn(shape, generator=gen).mul_(3).to(device).requires_grad_()
+    teacher = torch.randn(shape, generator=gen).mul_(3).to(device)
+    mask = torch.ones(shape[:2], dtype=torch.bool, device=device)
+
+    def step() -> torch.Tensor:
+        return _call(case, student, teacher, mask)
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        loss = step()
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before
+    else:
+        before = _peak_rss_bytes()
+        loss = step()
+        extra = _peak_rss_bytes() - before
+
+    times = []
+    for _ in range(case.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times) if times else math.nan
+    return {"extra_bytes": float(extra), "seconds": seconds, "loss": loss.item()}
+
+
+def run_in_subprocess(case: Case) -> dict[str, float]:
+    """Memory in one fresh process, time in another.
+
+    The memory process runs with glibc's mmap threshold pinned low, so every large block is
+    mapped on allocation and unmapped on free: RSS then follows the bytes actually live instead
+    of what the allocator keeps cached, for both implementations alike. Times come from a
+    process with the default allocator, as a user would run it.
+    """
+    memory = _subprocess(replace(case, repeats=0), {"MALLOC_MMAP_THRESHOLD_": "65536"})
+    timing = _subprocess(case, {})
+    return {**timing, "extra_bytes": memory["extra_bytes"]}
+
+
+def _subprocess(case: Case, env: dict[str, str]) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-m", "benchmarks.loss", "--case", json.dumps(case.__dict__)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def machine_description(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    model = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{model}, {torch.get_num_threads()} torch threads "
+        f"({len(os.sched_getaffinity(0))} cores), torch {torch.__version__}"
+    )
+
+
+def benchmark(
+    device: str,
+    token_counts: list[int],
+    chunk_sizes: list[int],
+    divergences: list[str],
+    repeats: int,
+) -> list[str]:
+    """Runs every case and returns the markdown table rows."""
+    rows = [
+        "| divergence | tokens | implementation | peak extra memory | time fwd+bwd | "
+        "memory dense/amid | time amid/dense | |loss − dense| |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for divergence in divergences:
+        for tokens in token_counts:
+            base = Case("dense", tokens, divergence, 0, device, repeats)
+            dense = run_in_subprocess(base) if device == "cpu" else run_case(base)
+            rows.append(
+                f"| {divergence} | {tokens} | dense | {dense['extra_bytes'] / 2**20:,.0f} MiB | "
+                f"{dense['seconds']:.3f} s | 1.0× | 1.00 | 0 |"
+            )
+            print(rows[-1], flush=True)
+            for chunk in chunk_sizes:
+                case = Case("amid", tokens, divergence, chunk, device, repeats)
+                ours = run_in_subprocess(case) if device == "cpu" else run_case(case)
+                rows.append(
+                    f"| {divergence} | {tokens} | {case.label} | "
+                    f"{ours['extra_bytes'] / 2**20:,.0f} MiB | {ours['seconds']:.3f} s | "
+                    f"{dense['extra_bytes'] / ours['extra_bytes']:.1f}× | "
+                    f"{ours['seconds'] / dense['seconds']:.2f} | "
+                    f"{abs(ours['loss'] - dense['loss']):.1e} |"
+                )
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small token counts, one divergence")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per case")
+    parser.add_argument(
+        "--divergence", action="append", choices=sorted(DIVERGENCE_FUNCTIONS), help="repeatable"
+    )
+    parser.add_argument("--chunk-size", type=int, action="append", help="repeatable")
+    parser.add_argument("--write", type=Path, help="write the results as markdown to this file")
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.case:
+        print(json.dumps(run_case(Case(**json.loads(args.case)))))
+        return
+
+    if args.quick:
+        token_counts, chunk_sizes = [128, 256], [64]
+    else:
+        token_counts, chunk_sizes = [512, 1024, 2048], [1024, 128]
+    chunk_sizes = args.chunk_size or chunk_sizes
+    divergences = args.divergence or ["ab"]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+    command = " ".join(["python -m benchmarks.loss", *sys.argv[1:]])
+    sections = []
+    for device in devices:
+        print(f"\n{device}: {machine_description(device)}", flush=True)
+        rows = benchmark(device, token_counts, chunk_sizes, divergences, args.repeats)
+        sections.append((device, machine_description(device), rows))
+
+    if args.write:
+        write_markdown(args.write, command, sections, args.repeats)
+        print(f"\nwrote {args.write}")
+
+
+def write_markdown(
+    path: Path, command: str, sections: list[tuple[str, str, list[str]]], repeats: int
+) -> None:
+    lines = [
+        "# Benchmarks",
+        "",
+        "## The AMiD loss: chunked `amid_loss` against a dense implementation",
+        "",
+        f"Produced by `{command}` from the repository root.",
+        "",
+        f"Setting: the paper's GPT-2 / Dolly loss (α = {ALPHA}, λ = {LAM}, anchor teacher; `ab` is "
+        f"D_AB^({AB_ALPHA}, {AB_BETA})), vocabulary {VOCAB:,}, fp32 logits of a batch of 4 "
+        "sequences, every position masked in (the worst case for the chunked loss, which skips "
+        "unmasked positions). The dense baseline is written as the paper's code does it: all "
+        "[B, T, V] fp32 probabilities at once, powers, plain autograd.",
+        "",
+        "Peak extra memory: on CPU, each case runs in a fresh process (after an 8-token warm-up "
+        "call that loads kernels) and the figure is the growth of peak RSS "
+        "(`getrusage().ru_maxrss`) over one forward+backward, measured from just after the "
+        "inputs are built. That process runs with `MALLOC_MMAP_THRESHOLD_=65536`, so glibc maps "
+        "and unmaps every large block and RSS follows the bytes actually live rather than what "
+        "the allocator caches. On CUDA, `torch.cuda.max_memory_allocated()` over the call minus "
+        "what was allocated before. Both include the student-logit gradient (tokens × V × 4 "
+        "bytes), which any implementation must produce.",
+        "",
+        f"Time: median of {repeats} forward+backward calls after an untimed first one, in a "
+        "second fresh process with the default allocator; from one run on a shared machine, so "
+        "treat time ratios as indicative.",
+        "",
+    ]
+    for device, machine, rows in sections:
+        lines += [f"### {device.upper()}: {machine}", "", *rows, ""]
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
