@@ -206,7 +206,7 @@ def instruction_prompt(instruction: str, extra: str) -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
-def _dolly(row: dict[str, Any], _: PreTrainedTokenizerBase) -> Example:
+def _dolly(row: dict[str, Any], _: PreTrainedTokenizerBase | None) -> Example:
     return Example(
         instruction_prompt(
             _text(row, "instruction", required=True), _text(row, "context", required=False)
@@ -215,7 +215,7 @@ def _dolly(row: dict[str, Any], _: PreTrainedTokenizerBase) -> Example:
     )
 
 
-def _alpaca(row: dict[str, Any], _: PreTrainedTokenizerBase) -> Example:
+def _alpaca(row: dict[str, Any], _: PreTrainedTokenizerBase | None) -> Example:
     return Example(
         instruction_prompt(
             _text(row, "instruction", required=True), _text(row, "input", required=False)
@@ -224,11 +224,11 @@ def _alpaca(row: dict[str, Any], _: PreTrainedTokenizerBase) -> Example:
     )
 
 
-def _prompt_response(row: dict[str, Any], _: PreTrainedTokenizerBase) -> Example:
+def _prompt_response(row: dict[str, Any], _: PreTrainedTokenizerBase | None) -> Example:
     return Example(_text(row, "prompt", required=True), _text(row, "response", required=True))
 
 
-def _messages(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Example:
+def _messages(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase | None) -> Example:
     messages = row.get("messages")
     if not isinstance(messages, list) or len(messages) < 2:
         raise ValueError("field 'messages' must be a list of at least two turns")
@@ -242,7 +242,7 @@ def _messages(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Exampl
     *history, last = messages
     if last["role"] != "assistant" or not last["content"].strip():
         raise ValueError("the last turn of 'messages' must be a non-empty assistant turn")
-    if tokenizer.chat_template:
+    if tokenizer is not None and tokenizer.chat_template:
         prompt = tokenizer.apply_chat_template(history, tokenize=False, add_generation_prompt=True)
         return Example(str(prompt), last["content"], chat_templated=True)
     # No chat template: the conversation so far becomes the instruction of the default template.
@@ -253,7 +253,9 @@ def _messages(row: dict[str, Any], tokenizer: PreTrainedTokenizerBase) -> Exampl
     return Example(instruction_prompt(instruction, ""), last["content"])
 
 
-FormatFn = Callable[[dict[str, Any], "PreTrainedTokenizerBase"], Example]
+# A format turns a row into an Example; without a tokenizer (a readability check) chat rows
+# are rendered with the default template.
+FormatFn = Callable[[dict[str, Any], "PreTrainedTokenizerBase | None"], Example]
 
 # The closed registry of row formats: (function, keys that identify it for `auto`).
 FORMATS: dict[str, tuple[FormatFn, frozenset[str]]] = {
@@ -375,7 +377,7 @@ def load_data(
 def check_dataset(settings: DatasetSettings, sample_rows: int = 32) -> str:
     """Cheap readability check: open the source and parse its first rows. Returns the format.
 
-    Needs no tokenizer: chat rows are only checked for shape. Raises `DatasetUnreadable` or
+    Needs no tokenizer: chat rows are checked for shape, not rendered with a chat template. Raises `DatasetUnreadable` or
     `MalformedRow` (unless skip_malformed).
     """
     name = settings.format
@@ -387,10 +389,13 @@ def check_dataset(settings: DatasetSettings, sample_rows: int = 32) -> str:
             raise raw if isinstance(raw, MalformedRow) else MalformedRow(location, "not an object")
         try:
             row = _renamed(raw, settings.fields)
+            if name == "auto":
+                name = detect_format(row)
+            FORMATS[name][0](row, None)
         except ValueError as exc:
-            raise MalformedRow(location, str(exc)) from exc
-        if name == "auto":
-            name = detect_format(row)
+            if settings.skip_malformed:
+                continue
+            raise MalformedRow(location, f"{exc} (format {name})") from exc
         seen += 1
         if seen >= sample_rows:
             break
