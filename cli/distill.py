@@ -57,7 +57,9 @@ def load_settings(path: Path) -> DistillSettings:
     try:
         data: Any = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise SettingsFileError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from exc
+        raise SettingsFileError(
+            f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}"
+        ) from exc
     if not isinstance(data, dict):
         raise SettingsFileError(f"{path}: expected a mapping of settings at the top level")
     try:

@@ -50,7 +50,7 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
 
 def _rng_state() -> dict[str, Any]:
     version, keys, pos = random.getstate()
-    np_state = np.random.get_state(legacy=True)
+    np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
     state: dict[str, Any] = {
         # Plain lists and tensors only: the file loads with torch.load(weights_only=True).
         "python": [version, list(keys), pos],

@@ -328,7 +328,7 @@ def load_examples(
     """The dataset's examples in file order, the number of rows skipped, and the format used."""
     examples: list[Example] = []
     skipped = 0
-    name = settings.format
+    name: str = settings.format
     for location, raw in read_rows(settings):
         try:
             if isinstance(raw, MalformedRow):
@@ -380,7 +380,7 @@ def check_dataset(settings: DatasetSettings, sample_rows: int = 32) -> str:
     Needs no tokenizer: chat rows are checked for shape, not rendered with a chat template. Raises `DatasetUnreadable` or
     `MalformedRow` (unless skip_malformed).
     """
-    name = settings.format
+    name: str = settings.format
     seen = 0
     for location, raw in read_rows(settings):
         if isinstance(raw, MalformedRow) or not isinstance(raw, dict):

@@ -101,15 +101,14 @@ def generate(
             for row, prompt in enumerate(prompts):
                 input_ids[row, width - len(prompt) :] = torch.tensor(prompt)
                 attention[row, width - len(prompt) :] = 1
-            generated = model.generate(
+            generated: torch.Tensor = model.generate(  # type: ignore[operator]
                 input_ids=input_ids.to(device),
                 attention_mask=attention.to(device),
                 generation_config=config,
             )
             for row, index in enumerate(order[start : start + batch_size]):
-                outputs[index] = tokenizer.decode(
-                    generated[row, width:], skip_special_tokens=True
-                ).strip()
+                text = tokenizer.decode(generated[row, width:].tolist(), skip_special_tokens=True)
+                outputs[index] = str(text).strip()
     model.train(was_training)
     return outputs
 

@@ -56,7 +56,9 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise ModelUnloadable(f"{role} tokenizer {source!r} cannot be loaded: {exc}", field=role) from exc
+        raise ModelUnloadable(
+            f"{role} tokenizer {source!r} cannot be loaded: {exc}", field=role
+        ) from exc
     return tokenizer
 
 
@@ -78,9 +80,7 @@ def _describe_vocab_difference(
     return "; ".join(parts)
 
 
-def compare_tokenizers(
-    teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase
-) -> None:
+def compare_tokenizers(teacher: PreTrainedTokenizerBase, student: PreTrainedTokenizerBase) -> None:
     """Raise `TokenizerMismatch` saying how the two tokenizers differ, if they do."""
     problems: list[str] = []
     teacher_vocab, student_vocab = teacher.get_vocab(), student.get_vocab()
@@ -127,7 +127,9 @@ def load_model(
             source, dtype=dtype, trust_remote_code=trust_remote_code
         )
     except (OSError, ValueError) as exc:
-        raise ModelUnloadable(f"{role} model {source!r} cannot be loaded: {exc}", field=role) from exc
+        raise ModelUnloadable(
+            f"{role} model {source!r} cannot be loaded: {exc}", field=role
+        ) from exc
     return model
 
 
@@ -212,10 +214,13 @@ def load_pair(
         load_model(
             teacher_source, dtype=compute_dtype, trust_remote_code=trust_remote_code, role="teacher"
         )
-    ).to(device)
+    )
+    # transformers types `.to` through a decorator that mypy reads as taking the model itself.
+    teacher.to(device)  # type: ignore[arg-type]
     student = load_model(
         student_source, dtype=torch.float32, trust_remote_code=trust_remote_code, role="student"
-    ).to(device)
+    )
+    student.to(device)  # type: ignore[arg-type]
     vocab = plan_vocab(logits_width(teacher), logits_width(student), len(tokenizer))
     if tokenizer.pad_token is None:
         # Batches need a filler id; EOS is the usual choice and is never labelled as padding.

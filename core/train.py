@@ -48,7 +48,7 @@ from core.data import (
     TrainStream,
     load_data,
 )
-from core.evaluate import evaluate, response_token_count
+from core.evaluate import evaluate
 from core.losses import amid_loss
 from core.models import load_pair
 from core.schedules import schedule_value
@@ -177,9 +177,7 @@ class _Run:
         )
         self.total_steps = settings.max_steps or max(
             1,
-            math.ceil(
-                settings.epochs * self.stream.batches_per_epoch / settings.grad_accum_steps
-            ),
+            math.ceil(settings.epochs * self.stream.batches_per_epoch / settings.grad_accum_steps),
         )
 
         # -- optimizer, schedule, precision ----------------------------------------------------
@@ -200,7 +198,9 @@ class _Run:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.compute_dtype == torch.float16
         )
-        self.state = TrainingState(step=0, position=DataPosition(), best_metric=None, best_step=None)
+        self.state = TrainingState(
+            step=0, position=DataPosition(), best_metric=None, best_step=None
+        )
         if resume_from is not None:
             self.state = load_training_state(
                 resume_from, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler
@@ -394,7 +394,9 @@ class _Run:
         if self.last_eval is not None and self.last_eval[0] == step:
             metrics.update(self.last_eval[1])
             score = self.last_eval[1].get(BEST_METRIC)
-            if score is not None and (self.state.best_metric is None or score > self.state.best_metric):
+            if score is not None and (
+                self.state.best_metric is None or score > self.state.best_metric
+            ):
                 self.state.best_metric, self.state.best_step = score, step
                 is_best = True
         path = save_checkpoint(

@@ -115,7 +115,9 @@ def train_teacher(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
-            print(f"teacher step {step}: loss {out.loss.item():.3f} ({time.monotonic() - start:.0f}s)")
+            print(
+                f"teacher step {step}: loss {out.loss.item():.3f} ({time.monotonic() - start:.0f}s)"
+            )
     model.eval()
 
 

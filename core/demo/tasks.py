@@ -231,7 +231,9 @@ def _count(rng: random.Random) -> dict[str, str]:
 
 def _first(rng: random.Random) -> dict[str, str]:
     words = rng.sample(NOUNS, rng.randint(2, 5))
-    return _row("What is the first word of this list?", f"The first word is {words[0]}.", " ".join(words))
+    return _row(
+        "What is the first word of this list?", f"The first word is {words[0]}.", " ".join(words)
+    )
 
 
 TASKS: tuple[Callable[[random.Random], dict[str, str]], ...] = (

@@ -49,9 +49,7 @@ def tiny_gpt2(
 
 
 @pytest.fixture
-def save_model(
-    tmp_path: Path, demo_tokenizer: PreTrainedTokenizerBase
-) -> Callable[..., Path]:
+def save_model(tmp_path: Path, demo_tokenizer: PreTrainedTokenizerBase) -> Callable[..., Path]:
     """Save a tiny GPT-2 with the demo tokenizer under tmp_path/<name>; return the directory."""
 
     def save(name: str, *, vocab_size: int | None = None, **kwargs: Any) -> Path:

@@ -14,8 +14,8 @@ from transformers import PreTrainedTokenizerBase
 
 from core.data import (
     IGNORE_INDEX,
-    DatasetUnreadable,
     DataPosition,
+    DatasetUnreadable,
     Example,
     MalformedRow,
     TrainStream,
@@ -40,7 +40,11 @@ ROWS: dict[str, list[dict[str, Any]]] = {
     ],
     "alpaca": [
         {"instruction": "What color is a lemon?", "input": "", "output": "A lemon is yellow."},
-        {"instruction": "Reverse the order of these words.", "input": "cat dog", "output": "dog cat"},
+        {
+            "instruction": "Reverse the order of these words.",
+            "input": "cat dog",
+            "output": "dog cat",
+        },
         {"instruction": "What is the opposite of hot?", "input": "", "output": "Cold."},
     ],
     "prompt_response": [
@@ -122,7 +126,9 @@ def test_each_format_and_file_type_labels_only_the_response(
     batch = collate(data.train, pad_id=int(demo_tokenizer.pad_token_id))
     for row, example, labels in zip(rows, data.train, batch.labels.tolist(), strict=True):
         # Every labelled token is response (+ EOS); every prompt token is unlabelled.
-        assert _labelled_text(demo_tokenizer, labels) == _response(fmt, row) + demo_tokenizer.eos_token
+        assert (
+            _labelled_text(demo_tokenizer, labels) == _response(fmt, row) + demo_tokenizer.eos_token
+        )
         assert all(t == IGNORE_INDEX for t in labels[: example.prompt_length])
         assert example.example.response == _response(fmt, row)
 
@@ -248,7 +254,9 @@ def test_check_dataset_refuses_missing_and_unsupported_files(tmp_path: Path) -> 
     assert check_dataset(DatasetSettings(source=str(DATA_FILE))) == "dolly"
 
 
-def test_split_is_deterministic_by_seed_and_disjoint(demo_tokenizer: PreTrainedTokenizerBase) -> None:
+def test_split_is_deterministic_by_seed_and_disjoint(
+    demo_tokenizer: PreTrainedTokenizerBase,
+) -> None:
     settings = DatasetSettings(source=str(DATA_FILE), eval_size=20, max_rows=200)
 
     def split(seed: int) -> tuple[list[str], list[str]]:

@@ -67,7 +67,9 @@ def test_differently_trained_tokenizer_is_refused(
 ) -> None:
     teacher = save_model("teacher")
     student = _other_tokenizer(tmp_path / "student")
-    with pytest.raises(TokenizerMismatch, match=r"ids differ, first id \d+: teacher '.*' vs student"):
+    with pytest.raises(
+        TokenizerMismatch, match=r"ids differ, first id \d+: teacher '.*' vs student"
+    ):
         check_tokenizers(str(teacher), str(student))
 
 
@@ -78,11 +80,15 @@ def test_different_eos_is_refused(
     changed = demo_tokenizer.__class__.from_pretrained(demo_tokenizer.name_or_path)
     changed.eos_token = "<|pad|>"
     changed.save_pretrained(tmp_path / "student")
-    with pytest.raises(TokenizerMismatch, match=r"eos_token: teacher '<\|endoftext\|>' vs student '<\|pad\|>'"):
+    with pytest.raises(
+        TokenizerMismatch, match=r"eos_token: teacher '<\|endoftext\|>' vs student '<\|pad\|>'"
+    ):
         check_tokenizers(str(teacher), str(tmp_path / "student"))
 
 
-def test_missing_model_source_names_the_role(tmp_path: Path, save_model: Callable[..., Path]) -> None:
+def test_missing_model_source_names_the_role(
+    tmp_path: Path, save_model: Callable[..., Path]
+) -> None:
     with pytest.raises(ModelUnloadable) as caught:
         check_tokenizers(str(tmp_path / "absent"), str(save_model("student")))
     assert caught.value.field == "teacher"

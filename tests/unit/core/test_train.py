@@ -92,7 +92,9 @@ def test_reports_checkpoints_and_metrics_file(
     assert recorder.info is not None and recorder.info.total_steps == 4
     assert [r.step for r in recorder.steps] == [1, 2, 3, 4]
     assert all(set(r.metrics) == STEP_METRICS for r in recorder.steps)
-    assert [r.metrics["alpha"] for r in recorder.steps] == pytest.approx([-5, -5 + 4 / 3, -5 + 8 / 3, -1])
+    assert [r.metrics["alpha"] for r in recorder.steps] == pytest.approx(
+        [-5, -5 + 4 / 3, -5 + 8 / 3, -1]
+    )
     assert recorder.steps[-1].eta_seconds == 0
     assert [r.step for r in recorder.evals] == [2, 4]
     assert all(0.0 <= r.metrics["eval/rouge_l"] <= 1.0 for r in recorder.evals)
