@@ -18,10 +18,16 @@ the student logits right there, writes the gradient into one preallocated buffer
 chunk; backward only scales that buffer. Peak extra memory is therefore that buffer plus a few
 [chunk × vocab] fp32 tensors, whatever the batch.
 
-Gradients: autograd is used only through the divergence (cheap element-wise code); the chain
-through the normalisation of r, the mixture and the student's log-softmax is written in closed
-form, which is both faster and lets padded vocabulary entries (−inf in both logits) get an exact
-zero instead of the NaN that autograd produces through log 0.
+Gradients, in closed form: each divergence also has a fused function giving its value and its
+partials w.r.t. log x and log r (checked in the tests against autograd through the plain
+definition), and the chain through the normalisation of r, the mixture and the student's
+log-softmax is written out. That is faster than autograd, keeps fewer tensors alive, and lets
+padded vocabulary entries (−inf in both logits) get an exact zero instead of the NaN that
+autograd produces through log 0.
+
+Precision: the mixture is computed in log space without ever forming p^c, through
+log1p/expm1 when |c| is small so that α near 1 keeps fp32 precision; below |c| = 1e-20 the
+geometric limit itself is used.
 """
 
 from __future__ import annotations
@@ -53,6 +59,10 @@ _LOG_HALF = math.log(0.5)
 # Below this |c| the generalised mean is the geometric one to far better than fp32 resolution
 # (they differ by O(c·(log p − log q)²)), and c·log p could underflow: use the α = 1 formula.
 _GEOMETRIC_C = 1e-20
+# Below this |c| the mixture goes through log1p/expm1 (precise as c → 0); above it through
+# softplus (cheaper in memory where c·(log p − log q) is large, and already precise).
+_LOG1P_BELOW_C = 0.1
+_LARGE_U = 30.0
 
 
 # -- divergences ---------------------------------------------------------------------------------
@@ -284,15 +294,28 @@ def _mixture(
             log_rt.masked_fill_(either_zero, -math.inf)
     else:
         # c·log r̃ = logaddexp(log λ + c·log p, log(1−λ) + c·log q), taken relative to the
-        # student's term: with t = c·(log p − log q) + log(λ/(1−λ)),
-        #   log r̃ = log q + (log(1−λ) + softplus(t)) / c,   ∂log r̃/∂log q = sigmoid(−t).
-        # One [N, V] temporary besides the two outputs, no overflow (softplus is linear for large
-        # t), and p = q gives the same t everywhere, a constant the normalisation removes.
+        # student's term. With u = c·(log p − log q):
+        #   log r̃ = log q + log(1 − λ + λ·e^u) / c,   ∂log r̃/∂log q = (1−λ)/(1 − λ + λ·e^u).
+        # One [N, V] temporary besides the two outputs, and p = q gives u = 0 everywhere.
         # For c < 0 a zero on either side sends log r̃ to −inf: the support intersection.
-        t = (log_p - log_q).mul_(c).add_(math.log(lam) - math.log1p(-lam))
-        weight = torch.sigmoid(t.neg())
-        log_rt = F.softplus(t).add_(math.log1p(-lam)).div_(c).add_(log_q)
-        del t
+        u = (log_p - log_q).mul_(c)
+        logit = math.log(lam) - math.log1p(-lam)
+        weight = torch.sigmoid(u.add(logit).neg_())
+        if abs(c) >= _LOG1P_BELOW_C:
+            # log(1 − λ + λe^u) = log(1−λ) + softplus(u + log(λ/(1−λ))): never overflows
+            # (softplus is linear for large arguments); absolute error about 1e-7/|c|.
+            log_rt = F.softplus(u.add_(logit)).add_(math.log1p(-lam))
+        else:
+            # Small |c|: log1p(λ·expm1(u)) keeps full precision as c → 0, where the form above
+            # would divide its rounding error by c. It overflows only for u beyond ~88, which
+            # needs |log p − log q| > 88/|c|; there the logaddexp form is exact enough.
+            log_rt = torch.expm1(u).mul_(lam).log1p_()
+            large = u > _LARGE_U
+            if bool(large.any()):
+                exact = torch.logaddexp(u.add_(math.log(lam)), torch.tensor(math.log1p(-lam)))
+                log_rt = torch.where(large, exact, log_rt)
+        log_rt = log_rt.div_(c).add_(log_q)
+        del u
         q_zero = torch.isneginf(log_q) if may_have_zeros else None
         if q_zero is not None and bool(q_zero.any()):
             p_zero = torch.isneginf(log_p)

@@ -234,6 +234,16 @@ def test_alpha_one_is_the_geometric_mixture_and_alpha_minus_one_the_arithmetic()
     )
 
 
+@pytest.mark.parametrize("alpha", [0.95, 0.999, 0.99999, 1.0 - 1e-9, 1.00001, 1.001])
+def test_mixture_keeps_fp32_precision_near_alpha_one(alpha: float) -> None:
+    """c = (1 − α)/2 → 0 must not amplify rounding: compare with the float64 formula."""
+    student, teacher, _ = make_inputs(seed=31, pad=0, scale=3.0)
+    p, q = torch.softmax(teacher.double(), -1), torch.softmax(student.double(), -1)
+    expected = reference_assistant(p, q, alpha, 0.3).log()
+    got = assistant_log_probs(student, teacher, alpha=alpha, lam=0.3).double()
+    assert (got - expected).abs().max() < 1e-5
+
+
 def test_alpha_above_one_keeps_only_the_support_intersection() -> None:
     student, teacher, mask = make_inputs(seed=14, pad=0)
     teacher[..., 0] = -math.inf  # entry 0: zero under p only
