@@ -1,0 +1,67 @@
+"""`amid keys create NAME [--admin]`, `amid keys list`, `amid keys revoke ID`.
+
+These talk to the database directly (they run where the service runs): a key is how a person
+reaches the API, so it cannot be made through the API without one already.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser("keys", help="Manage API keys (on the service's database).")
+    commands = parser.add_subparsers(dest="keys_command", required=True)
+    create = commands.add_parser(
+        "create", help="Create a key and print its secret (shown this once only)."
+    )
+    create.add_argument("name", help="Who or what the key is for.")
+    create.add_argument("--admin", action="store_true", help="May see and cancel every job.")
+    create.set_defaults(handler=_create)
+    listing = commands.add_parser("list", help="List keys (never their secrets).")
+    listing.set_defaults(handler=_list)
+    revoke = commands.add_parser("revoke", help="Revoke a key by id.")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(handler=_revoke)
+
+
+def _create(args: argparse.Namespace) -> int:
+    from store.db import session_scope
+    from store.keys import create_api_key
+
+    with session_scope() as session:
+        key, secret = create_api_key(session, args.name, is_admin=args.admin)
+        key_id = key.id
+    role = "admin key" if args.admin else "key"
+    # The secret alone on stdout, so `export AMID_API_KEY=$(amid keys create me)` works.
+    print(
+        f"created {role} {key_id} for {args.name!r}; the secret is not shown again", file=sys.stderr
+    )
+    print(secret)
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from store.db import session_scope
+    from store.keys import list_api_keys
+
+    with session_scope() as session:
+        for key in list_api_keys(session):
+            state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+            role = "admin" if key.is_admin else "user"
+            print(f"{key.id}  {role:5}  {state:18}  {key.name}")
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    from store.db import session_scope
+    from store.keys import revoke_api_key
+
+    with session_scope() as session:
+        revoked = revoke_api_key(session, args.key_id)
+    if not revoked:
+        print(f"error: no active key {args.key_id}", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id}")
+    return 0
