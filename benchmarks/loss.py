@@ -269,6 +269,7 @@ def main() -> None:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
     command = " ".join(["python -m benchmarks.loss", *sys.argv[1:]])
+    load_before = os.getloadavg()[0]
     sections = []
     for device in devices:
         print(f"\n{device}: {machine_description(device)}", flush=True)
@@ -276,12 +277,17 @@ def main() -> None:
         sections.append((device, machine_description(device), rows))
 
     if args.write:
-        write_markdown(args.write, command, sections, args.repeats)
+        loads = (load_before, os.getloadavg()[0])
+        write_markdown(args.write, command, sections, args.repeats, loads)
         print(f"\nwrote {args.write}")
 
 
 def write_markdown(
-    path: Path, command: str, sections: list[tuple[str, str, list[str]]], repeats: int
+    path: Path,
+    command: str,
+    sections: list[tuple[str, str, list[str]]],
+    repeats: int,
+    loads: tuple[float, float],
 ) -> None:
     lines = [
         "# Benchmarks",
@@ -306,8 +312,9 @@ def write_markdown(
         "bytes), which any implementation must produce.",
         "",
         f"Time: median of {repeats} forward+backward calls after an untimed first one, in a "
-        "second fresh process with the default allocator; from one run on a shared machine, so "
-        "treat time ratios as indicative.",
+        "second fresh process with the default allocator; from one run on a shared machine "
+        f"(1-minute load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end), so "
+        "treat time ratios as indicative. Memory figures do not depend on the load.",
         "",
     ]
     for device, machine, rows in sections:

@@ -381,7 +381,7 @@ class _Spec:
     need_grad: bool  # False when the student needs no gradient (evaluation): value only
 
 
-def _log_softmax_rows(logits: Tensor, index: Tensor, dtype: torch.dtype) -> Tensor:
+def _log_softmax_rows(logits: Tensor, index: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
     """log-softmax of the selected rows, in `dtype`."""
     # Advanced indexing, not index_select: same copy, but index_select's CPU kernel is an order
     # of magnitude slower on rows this wide.
@@ -389,7 +389,7 @@ def _log_softmax_rows(logits: Tensor, index: Tensor, dtype: torch.dtype) -> Tens
 
 
 def _chunk_loss(
-    student: Tensor, teacher: Tensor, index: Tensor, spec: _Spec, dtype: torch.dtype
+    student: Tensor, teacher: Tensor, index: tuple[Tensor, ...], spec: _Spec, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor | None]:
     """Sum of D(x, r) over the rows `index` and, if `spec.need_grad`, its gradient w.r.t. those
     rows of `student` (fp32/`dtype`). Tensors are released as soon as they are last used: the
@@ -457,24 +457,31 @@ class _AmidLoss(torch.autograd.Function):
         spec: _Spec,
     ) -> Tensor:
         chunk_size, need_grad = spec.chunk_size, spec.need_grad
-        vocab = student_logits.shape[-1]
-        student = student_logits.detach().reshape(-1, vocab)
-        teacher = teacher_logits.detach().reshape(-1, vocab)
+        # The logits stay in their own layout (often a non-contiguous slice such as
+        # logits[:, :-1]); rows are gathered by multi-dimensional index, so nothing copies or
+        # flattens the whole tensor.
+        student = student_logits.detach()
+        teacher = teacher_logits.detach()
+        leading = student.shape[:-1]
         dtype = _compute_dtype(torch.promote_types(student.dtype, teacher.dtype))
         count = rows.numel()
-        # Unmasked rows keep a zero gradient; the buffer is the only [B·T, V] allocation.
-        grad = torch.zeros_like(student) if need_grad else None
+        # Unmasked rows keep a zero gradient; the buffer is the only [B, T, V] allocation.
+        grad = (
+            torch.zeros(student.shape, dtype=student.dtype, device=student.device)
+            if need_grad
+            else None
+        )
         total = torch.zeros((), dtype=torch.float64, device=student.device)
         for start in range(0, count, chunk_size):
-            index = rows[start : start + chunk_size]
+            index = torch.unravel_index(rows[start : start + chunk_size], leading)
             value, chunk_grad = _chunk_loss(student, teacher, index, spec, dtype)
             total += value.double()
             if grad is not None and chunk_grad is not None:
-                grad.index_copy_(0, index, chunk_grad.div_(count).to(grad.dtype))
+                grad.index_put_(index, chunk_grad.div_(count).to(grad.dtype))
             del chunk_grad
         loss = (total / max(count, 1)).to(dtype)
         if grad is not None:
-            ctx.save_for_backward(grad.view_as(student_logits))
+            ctx.save_for_backward(grad)
         ctx.need_grad = need_grad  # type: ignore[attr-defined]
         return loss
 

@@ -526,3 +526,24 @@ def test_closed_form_gradients_match_autograd_of_the_divergence(
         torch.testing.assert_close(grad_x, leaf_x.grad)
     else:
         assert grad_x is None
+
+
+def test_sliced_non_contiguous_logits_match_contiguous_ones() -> None:
+    """The engine passes logits[:, :-1]; the loss must read it in place, not a flattened copy."""
+    gen = torch.Generator().manual_seed(32)
+    full_student = torch.randn(B, T + 1, V, generator=gen)
+    full_teacher = torch.randn(B, T + 1, V, generator=gen)
+    mask = torch.rand(B, T, generator=gen) < 0.6
+    mask[1, 2] = True
+    knobs = {"alpha": -3.0, "lam": 0.2, "divergence": "ab", "chunk_size": 3}
+    leaf = full_student.clone().requires_grad_()
+    sliced = amid_loss(leaf[:, :-1], full_teacher[:, :-1], mask, **knobs)  # type: ignore[arg-type]
+    sliced.backward()
+    assert not leaf[:, :-1].is_contiguous()
+    loss, grad = loss_and_grad(
+        full_student[:, :-1].contiguous(), full_teacher[:, :-1].contiguous(), mask, **knobs
+    )
+    assert leaf.grad is not None
+    assert sliced.item() == loss.item()
+    torch.testing.assert_close(leaf.grad[:, :-1], grad, rtol=0, atol=0)
+    assert torch.all(leaf.grad[:, -1] == 0)
