@@ -172,6 +172,8 @@ def list_checkpoints(session: SessionDep, caller: CallerDep, job_id: JobId) -> C
 )
 def download_student(session: SessionDep, caller: CallerDep, job_id: JobId) -> StreamingResponse:
     uri = service.student_uri(session, caller, job_id)
+    # End the transaction before a stream that may last minutes (on SQLite it holds the lock).
+    session.close()
     store = get_artifact_store()
     # Checked before streaming: once bytes are on the wire, an error can no longer be a 4xx.
     if not store.exists(uri):
