@@ -144,7 +144,8 @@ def _wait(api: Api, args: argparse.Namespace) -> int:
             progress = job["progress"]
             if progress["total_steps"] and bar.total != progress["total_steps"]:
                 bar.total = progress["total_steps"]
-            bar.n = progress["step"]
+            # update() rather than setting n: tqdm's own rate and ETA come from the increments.
+            bar.update(max(0, progress["step"] - bar.n))
             postfix = {"status": job["status"]}
             if progress["eta_seconds"] is not None:
                 postfix["server_eta"] = f"{progress['eta_seconds']:.0f}s"
