@@ -367,3 +367,25 @@ def test_student_download_streams_the_final_directory(
         assert weights is not None
         assert weights.read() == (student / "model.safetensors").read_bytes()
     assert client.get(f"/v1/jobs/{job_id}", headers=headers).json()["student_uri"] == uploaded.uri
+
+
+def test_concurrent_submissions_with_one_idempotency_key_make_one_job(
+    client: TestClient, make_key: MakeKey, sent: Sent
+) -> None:
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    headers = {**make_key(), "Idempotency-Key": "together"}
+    barrier = threading.Barrier(4)
+
+    def submit(_: int) -> tuple[int, str]:
+        with TestClient(client.app, raise_server_exceptions=False) as own:
+            barrier.wait()
+            response = own.post("/v1/jobs", json=BODY, headers=headers)
+            return response.status_code, response.json()["id"]
+
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(submit, range(4)))
+    assert len({job_id for _, job_id in results}) == 1
+    assert sorted(code for code, _ in results) == [200, 200, 200, 201]
+    assert len(sent.ids) == 1
