@@ -364,6 +364,7 @@ def test_matches_autograd_gradcheck_in_float64() -> None:
                     s, teacher, alpha=-3.0, lam=0.4, divergence=d, anchor=a, chunk_size=2
                 ),
                 (student,),
+                fast_mode=True,
             )
 
 
