@@ -159,11 +159,11 @@ def _local_rows(source: Path) -> Iterator[Row]:
         yield from (_jsonl_rows if path.suffix == ".jsonl" else _json_rows)(path, text)
 
 
-def _hub_rows(source: str, split: str) -> Iterator[Row]:
+def _hub_rows(source: str, split: str, streaming: bool) -> Iterator[Row]:
     import datasets
 
     try:
-        dataset = datasets.load_dataset(source, split=split)
+        dataset = datasets.load_dataset(source, split=split, streaming=streaming)
     except Exception as exc:  # datasets raises many unrelated types for "cannot get it"
         raise DatasetUnreadable(
             f"dataset {source!r} (split {split!r}) cannot be loaded: {exc}", field="dataset.source"
@@ -172,8 +172,11 @@ def _hub_rows(source: str, split: str) -> Iterator[Row]:
         yield f"{source}[{split}] row {index}", row
 
 
-def read_rows(settings: DatasetSettings) -> Iterator[Row]:
-    """Raw rows with their locations; an unparsable line comes as a `MalformedRow` value."""
+def read_rows(settings: DatasetSettings, *, streaming: bool = False) -> Iterator[Row]:
+    """Raw rows with their locations; an unparsable line comes as a `MalformedRow` value.
+
+    `streaming` reads a hub dataset row by row instead of downloading it whole first.
+    """
     path = Path(settings.source).expanduser()
     if path.exists():
         return _local_rows(path)
@@ -181,7 +184,7 @@ def read_rows(settings: DatasetSettings) -> Iterator[Row]:
         raise DatasetUnreadable(
             f"{settings.source}: no such file or directory", field="dataset.source"
         )
-    return _hub_rows(settings.source, settings.split)
+    return _hub_rows(settings.source, settings.split, streaming)
 
 
 # -- formats -------------------------------------------------------------------------------------
@@ -382,7 +385,7 @@ def check_dataset(settings: DatasetSettings, sample_rows: int = 32) -> str:
     """
     name: str = settings.format
     seen = 0
-    for location, raw in read_rows(settings):
+    for location, raw in read_rows(settings, streaming=True):
         if isinstance(raw, MalformedRow) or not isinstance(raw, dict):
             if settings.skip_malformed:
                 continue

@@ -39,6 +39,7 @@ PAD = "<|pad|>"
 VOCAB_SIZE = 1024
 DEMO_ROWS = 2400
 TEACHER_ROWS = 8000
+DEMO_SEED, TEACHER_SEED = 1, 2  # different seeds: many demo prompts are new to the teacher
 MAX_LENGTH = 128
 
 
@@ -84,17 +85,19 @@ def gpt2(vocab_size: int, n_embd: int, n_layer: int, n_head: int) -> GPT2LMHeadM
     return GPT2LMHeadModel(config)
 
 
-def train_teacher(
+def train_sft(
     model: GPT2LMHeadModel,
     tokenizer: PreTrainedTokenizerFast,
     rows: list[dict[str, str]],
+    *,
     steps: int,
     seed: int,
+    warmup: int = 100,
 ) -> None:
+    """Plain next-token cross-entropy on the responses (supervised fine-tuning)."""
     examples = [tokenize_example(_example(r), tokenizer, 96, MAX_LENGTH) for r in rows]
     stream = TrainStream(examples, batch_size=32, pad_id=int(tokenizer.pad_token_id), seed=seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    warmup = 100
 
     def lr_at(step: int) -> float:
         if step < warmup:
@@ -115,9 +118,7 @@ def train_teacher(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
-            print(
-                f"teacher step {step}: loss {out.loss.item():.3f} ({time.monotonic() - start:.0f}s)"
-            )
+            print(f"sft step {step}: loss {out.loss.item():.3f} ({time.monotonic() - start:.0f}s)")
     model.eval()
 
 
@@ -146,8 +147,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    demo_rows = generate_rows(DEMO_ROWS, seed=1)
-    teacher_rows = generate_rows(TEACHER_ROWS, seed=2)
+    demo_rows = generate_rows(DEMO_ROWS, seed=DEMO_SEED)
+    teacher_rows = generate_rows(TEACHER_ROWS, seed=TEACHER_SEED)
     DATA_FILE.parent.mkdir(parents=True, exist_ok=True)
     DATA_FILE.write_text("".join(json.dumps(r) + "\n" for r in demo_rows), encoding="utf-8")
 
@@ -159,7 +160,7 @@ def main() -> None:
 
     # Sizes: GPT-2 small is n_embd=768, n_layer=12, n_head=12, vocab 50257.
     teacher = gpt2(len(tokenizer), n_embd=128, n_layer=4, n_head=4)
-    train_teacher(teacher, tokenizer, teacher_rows, args.teacher_steps, seed=0)
+    train_sft(teacher, tokenizer, teacher_rows, steps=args.teacher_steps, seed=0)
     print(f"teacher ROUGE-L on 256 demo rows: {score(teacher, tokenizer, demo_rows[:256]):.3f}")
     teacher.save_pretrained(TEACHER_DIR)
     tokenizer.save_pretrained(TEACHER_DIR)

@@ -299,3 +299,13 @@ def test_stream_resumes_at_its_position(demo_tokenizer: PreTrainedTokenizerBase)
     assert stream.position == DataPosition(epoch=1, index=2)
     resumed = TrainStream(examples, batch_size=4, pad_id=1, seed=0, position=DataPosition(0, 6))
     assert [resumed.next().input_ids.tolist() for _ in range(4)] == seen[6:]
+
+
+def test_unreachable_hub_dataset_is_reported_on_the_source_field(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(DatasetUnreadable) as caught:
+        check_dataset(DatasetSettings(source="nobody-here/no-such-dataset"))
+    assert caught.value.field == "dataset.source"
+    assert "nobody-here/no-such-dataset" in caught.value.message
