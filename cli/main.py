@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, str] = {
     "db": "cli.db",
     "serve": "cli.serve",
     "worker": "cli.worker",
+    "reaper": "cli.reaper",
     "jobs": "cli.jobs",
     "keys": "cli.keys",
 }
