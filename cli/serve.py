@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+from types import FrameType
 
 logger = logging.getLogger("amid.serve")
 
@@ -55,6 +56,10 @@ def stop_process_group(process: subprocess.Popen[bytes], grace: float) -> None:
         return
 
 
+def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -76,11 +81,15 @@ def _run(args: argparse.Namespace) -> int:
     )
     worker = None if args.no_worker else start_worker(args.gpu)
     stop = threading.Event()
+    # uvicorn re-raises the signal that stopped it once it has shut down; as an exception here
+    # (not the default "die now") it lets the `finally` below stop the worker and the reaper.
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     reaper = threading.Thread(target=run_forever, args=(stop,), name="reaper", daemon=True)
     reaper.start()
     try:
-        # uvicorn handles SIGINT/SIGTERM itself and returns once it has shut down.
         uvicorn.run("api.main:app", host=args.host, port=args.port, log_level="warning")
+    except (KeyboardInterrupt, SystemExit):
+        logger.info("stopping")
     finally:
         stop.set()
         if worker is not None:

@@ -1,0 +1,138 @@
+"""`make demo`: the whole service on this machine, used the way a team would use it.
+
+Starts `amid serve` (SQLite, filesystem queue, local artifacts under .demo/), creates an API key,
+submits examples/demo-job.yaml over the REST API with `amid jobs submit`, follows it with
+`amid jobs wait`, prints the final metrics and where the student is, and stops everything it
+started, also on an error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+HOME = ROOT / ".demo"
+JOB_FILE = ROOT / "examples" / "demo-job.yaml"
+DEMO_KIT = ROOT / "core" / "demo"
+READY_TIMEOUT_SECONDS = 120.0
+JOB_TIMEOUT_SECONDS = 480.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def amid(*args: str, env: dict[str, str], capture: bool = False) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "cli.main", *args],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+    )
+    return result.stdout or ""
+
+
+def wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(
+                f"amid serve exited with {server.returncode}; see {HOME / 'serve.log'}"
+            )
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"the service was not ready within {READY_TIMEOUT_SECONDS:.0f}s")
+
+
+def stop(server: subprocess.Popen[bytes]) -> None:
+    if server.poll() is not None:
+        return
+    os.killpg(server.pid, signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
+
+
+def main() -> int:
+    shutil.rmtree(HOME, ignore_errors=True)
+    HOME.mkdir(parents=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "AMID_HOME": str(HOME),
+        "AMID_MODEL_ROOTS": str(DEMO_KIT),
+        "AMID_DATA_ROOTS": str(DEMO_KIT),
+        "AMID_URL": url,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    for name in ("AMID_DATABASE_URL", "AMID_BROKER_URL", "AMID_ARTIFACTS_URI", "AMID_API_KEY"):
+        env.pop(name, None)
+
+    print("== amid demo: the whole service on this machine (state in .demo/)")
+    amid("db", "upgrade", env=env)
+    key_output = amid("keys", "create", "demo", env=env, capture=True)
+    env["AMID_API_KEY"] = key_output.strip().splitlines()[-1]
+
+    log = (HOME / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "cli.main", "serve", "--port", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        wait_ready(url, server)
+        print(f"== service ready at {url} (API, one worker, reaper; log in .demo/serve.log)")
+        job_id = (
+            amid("jobs", "submit", str(JOB_FILE), env=env, capture=True).strip().splitlines()[-1]
+        )
+        print(f"== submitted job {job_id} from {JOB_FILE.relative_to(ROOT)}; following it")
+        amid("jobs", "wait", job_id, "--timeout", str(JOB_TIMEOUT_SECONDS), env=env)
+        job = json.loads(amid("jobs", "get", job_id, env=env, capture=True))
+        print(f"== job {job_id}: {job['status']}")
+        if job["status"] != "succeeded":
+            print(f"   error: {job.get('error')}")
+            return 1
+        metrics = job.get("latest_metrics") or job.get("metrics") or {}
+        for name in sorted(metrics):
+            if name.startswith("eval/"):
+                print(f"   {name} = {metrics[name]:.4f}")
+        print(f"== the student: {job.get('final_uri') or job.get('student_uri')}")
+        print(f"   download it: amid jobs download {job_id}  (with AMID_URL/AMID_API_KEY as above)")
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted; stopping the service")
+        return 130
+    finally:
+        stop(server)
+        log.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
