@@ -1,0 +1,163 @@
+"""The task body and the runner on the real Postgres, with a stand-in `distill` (what these tests
+are about is the claim, the reporting and the outcome, not training)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.callbacks import Callback, CheckpointReport, RunInfo, RunResult, StepReport
+from store import jobs
+from store.artifacts import get_artifact_store
+from store.config import get_config
+from store.db import reset_engine, session_scope, upgrade
+from tests.integration.e2e._service import job_body
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def db(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    monkeypatch.setenv("AMID_DATABASE_URL", postgres_url)
+    monkeypatch.setenv("AMID_HEARTBEAT_SECONDS", "0.2")
+    monkeypatch.setenv("AMID_STALE_AFTER_SECONDS", "30")
+    get_config.cache_clear()
+    reset_engine()
+    upgrade(postgres_url)
+    yield postgres_url
+    reset_engine()
+
+
+def _new_job(**overrides: Any) -> str:
+    with session_scope() as session:
+        job, _ = jobs.create_job(session, job_body(**overrides), "tester", None, 3)
+        return job.id
+
+
+def _job(job_id: str) -> tuple[str, str | None, str | None, int]:
+    with session_scope() as session:
+        job = jobs.get_job(session, job_id)
+        return job.status, job.error_code, job.error_message, job.progress_step or 0
+
+
+def _fake_distill(
+    steps: int, step_seconds: float = 0.0, fail_at: int | None = None
+) -> Callable[..., RunResult]:
+    def distill(
+        settings: Any, output_dir: Path, callbacks: Sequence[Callback] = (), resume_from: Any = None
+    ) -> RunResult:
+        for cb in callbacks:
+            cb.on_start(RunInfo(steps, 0, 10, 2, "cpu"))
+        for step in range(1, steps + 1):
+            if fail_at == step:
+                raise RuntimeError(f"boom at step {step}")
+            time.sleep(step_seconds)
+            for cb in callbacks:
+                cb.on_step(StepReport(step, steps, {"train/loss": 1.0 / step}, 0.1, 0.0))
+            ckpt = output_dir / f"step-{step}"
+            ckpt.mkdir(parents=True)
+            (ckpt / "weights.bin").write_bytes(b"w" * step)
+            for cb in callbacks:
+                cb.on_checkpoint(CheckpointReport(step, ckpt, {}, False))
+            if any(cb.should_stop() for cb in callbacks):
+                result = RunResult("stopped", step, None, {}, None)
+                break
+        else:
+            final = output_dir / "final"
+            final.mkdir()
+            (final / "config.json").write_text("{}")
+            result = RunResult("completed", steps, final, {"eval/rouge_l": 0.5}, steps)
+        for cb in callbacks:
+            cb.on_end(result)
+        return result
+
+    return distill
+
+
+def _run_task(job_id: str) -> str:
+    from worker.tasks import run_job
+
+    result: str = run_job(job_id)
+    return result
+
+
+def test_job_succeeds_with_checkpoints_metrics_and_final(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("core.train.distill", _fake_distill(3))
+    job_id = _new_job()
+    assert _run_task(job_id) == "succeeded"
+    assert _run_task(job_id) == "not_claimed"  # a second delivery does nothing
+
+    status, code, _, step = _job(job_id)
+    assert (status, code, step) == ("succeeded", None, 3)
+    with session_scope() as session:
+        checkpoints = jobs.list_checkpoints(session, job_id)
+        assert [c.step for c in checkpoints] == [1, 2, 3]
+        store = get_artifact_store()
+        assert all(store.exists(c.uri) for c in checkpoints)
+        assert jobs.get_job(session, job_id).final_uri.endswith(f"jobs/{job_id}/final")
+
+
+def test_tokenizer_mismatch_fails_fast(
+    db: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    called = []
+    monkeypatch.setattr("core.train.distill", lambda *a, **k: called.append(1))
+    # The teacher's tokenizer differs from the student's: the student must be refused before loading.
+    job_id = _new_job(student=str(Path(__file__).resolve().parents[3] / "core/demo/assets/teacher"))
+    monkeypatch.setattr(
+        "core.models.check_tokenizers",
+        _raise_mismatch,
+    )
+    assert _run_task(job_id) == "failed"
+    status, code, message, _ = _job(job_id)
+    assert (status, code) == ("failed", "TokenizerMismatch")
+    assert message and "differ" in message
+    assert not called
+
+
+def _raise_mismatch(*args: Any, **kwargs: Any) -> None:
+    from core.models import TokenizerMismatch
+
+    raise TokenizerMismatch("teacher and student tokenizers differ: vocab 512 vs 300")
+
+
+def test_unexpected_error_fails_the_job_with_internal_error(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("core.train.distill", _fake_distill(3, fail_at=2))
+    job_id = _new_job()
+    assert _run_task(job_id) == "failed"
+    status, code, message, _ = _job(job_id)
+    assert (status, code) == ("failed", "InternalError")
+    assert message and "boom at step 2" in message
+
+
+def test_cancel_stops_at_a_step_boundary_and_keeps_checkpoints(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("core.train.distill", _fake_distill(1000, step_seconds=0.02))
+    job_id = _new_job()
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(_run_task(job_id)))
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while _job(job_id)[3] < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with session_scope() as session:
+            jobs.request_cancel(session, job_id, "tester")
+    finally:
+        thread.join(timeout=30)
+    assert outcome == ["cancelled"]
+    status, _, _, step = _job(job_id)
+    assert status == "cancelled"
+    assert 5 <= step < 1000
+    with session_scope() as session:
+        assert len(jobs.list_checkpoints(session, job_id)) >= 5
