@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from core.losses import DIVERGENCE_FUNCTIONS, amid_loss
+from core.presets import DEFAULT_LOSS_CHUNK_SIZE
 
 VOCAB = 50_257  # GPT-2's vocabulary
 # The paper's strongest GPT-2 / Dolly setting: α = −5, λ = 0.1, D_AB^(0.2, 0.7)(p‖r).
@@ -263,7 +264,7 @@ def main() -> None:
     if args.quick:
         token_counts, chunk_sizes = [128, 256], [64]
     else:
-        token_counts, chunk_sizes = [512, 1024, 2048], [1024, 128]
+        token_counts, chunk_sizes = [512, 1024, 2048], [1024, DEFAULT_LOSS_CHUNK_SIZE]
     chunk_sizes = args.chunk_size or chunk_sizes
     divergences = args.divergence or ["ab"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -318,7 +319,7 @@ def write_markdown(
         "",
         "Target set for this loss: at 2,048 tokens × 50,257 on CPU, peak extra memory at least 6× "
         "below dense and time no worse than dense. `chunk_size` is `amid_loss`'s argument "
-        "(1024 by default); peak extra memory is the gradient buffer plus about six "
+        f"({DEFAULT_LOSS_CHUNK_SIZE} by default); peak extra memory is the gradient buffer plus about six "
         "[chunk × V] fp32 tensors, so it is set by the chunk, not by the batch.",
         "",
     ]

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from core.presets import ANCHORS, DIVERGENCES
+from core.presets import ANCHORS, DEFAULT_LOSS_CHUNK_SIZE, DIVERGENCES
 
 __all__ = [
     "DIVERGENCE_FUNCTIONS",
@@ -509,7 +509,7 @@ def amid_loss(
     anchor: str = "teacher",
     ab_alpha: float = 0.2,
     ab_beta: float = 0.7,
-    chunk_size: int = 1024,
+    chunk_size: int = DEFAULT_LOSS_CHUNK_SIZE,
 ) -> Tensor:
     """Mean over the masked tokens of D(x, r), a 0-dim fp32 tensor (float64 for float64 logits).
 

@@ -16,6 +16,11 @@ Anchor = Literal["teacher", "student"]
 DIVERGENCES: tuple[str, ...] = ("kl", "rkl", "ab", "js", "tvd")
 ANCHORS: tuple[str, ...] = ("teacher", "student")
 
+# Tokens per chunk inside `amid_loss`. Peak extra memory is about six [chunk × V] fp32 tensors
+# plus the gradient buffer; 128 keeps it 6× below a dense loss at 2,048 tokens × 50,257 with no
+# loss of speed on CPU (BENCHMARKS.md), where 1,024 gave only 2×.
+DEFAULT_LOSS_CHUNK_SIZE = 128
+
 
 @dataclass(frozen=True)
 class LossPreset:

@@ -18,7 +18,14 @@ from pydantic import (
     model_validator,
 )
 
-from core.presets import ANCHORS, DIVERGENCES, PRESETS, Anchor, Divergence
+from core.presets import (
+    ANCHORS,
+    DEFAULT_LOSS_CHUNK_SIZE,
+    DIVERGENCES,
+    PRESETS,
+    Anchor,
+    Divergence,
+)
 from core.schedules import ScheduleKind
 
 DataFormat = Literal["auto", "dolly", "alpaca", "prompt_response", "messages"]
@@ -156,7 +163,8 @@ class DistillSettings(_Strict):
         0.0, ge=0.0, description="Weight of plain cross-entropy to the reference responses."
     )
     loss_chunk_size: PositiveInt = Field(
-        1024, description="Tokens per chunk inside the loss: peak extra memory scales with it."
+        DEFAULT_LOSS_CHUNK_SIZE,
+        description="Tokens per chunk inside the loss: peak extra memory scales with it.",
     )
 
     # -- training ------------------------------------------------------------------------------
