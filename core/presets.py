@@ -7,7 +7,7 @@ names. Torch-free, so the API can validate preset names without the training sta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Divergence = Literal["kl", "rkl", "ab", "js", "tvd"]
 Anchor = Literal["teacher", "student"]
@@ -31,6 +31,17 @@ class LossPreset:
     ab_alpha: float = 0.2
     ab_beta: float = 0.7
     description: str = ""
+
+    def loss_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of `core.losses.amid_loss` that this preset fixes."""
+        return {
+            "alpha": self.alpha,
+            "lam": self.lam,
+            "divergence": self.divergence,
+            "anchor": self.anchor,
+            "ab_alpha": self.ab_alpha,
+            "ab_beta": self.ab_beta,
+        }
 
 
 PRESETS: dict[str, LossPreset] = {

@@ -268,9 +268,7 @@ def test_alpha_above_one_keeps_only_the_support_intersection() -> None:
 def test_skl_preset_is_distillm_skew_kl() -> None:
     student, teacher, mask = make_inputs(seed=15, pad=0)
     preset = PRESETS["skl"]
-    loss = amid_loss(
-        student, teacher, mask, alpha=preset.alpha, lam=preset.lam, divergence=preset.divergence
-    )
+    loss = amid_loss(student, teacher, mask, **preset.loss_kwargs())
     p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
     skew = F.kl_div(torch.log(0.1 * p + 0.9 * q), p, reduction="none").sum(-1)
     assert loss.item() == pytest.approx(_token_mean(skew, mask), rel=1e-5)
@@ -279,37 +277,10 @@ def test_skl_preset_is_distillm_skew_kl() -> None:
 def test_srkl_preset_is_distillm_skew_reverse_kl() -> None:
     student, teacher, mask = make_inputs(seed=16, pad=0)
     preset = PRESETS["srkl"]
-    loss = amid_loss(
-        student,
-        teacher,
-        mask,
-        alpha=preset.alpha,
-        lam=preset.lam,
-        divergence=preset.divergence,
-        anchor=preset.anchor,
-    )
+    loss = amid_loss(student, teacher, mask, **preset.loss_kwargs())
     p, q = torch.softmax(teacher, -1), torch.softmax(student, -1)
     skew = F.kl_div(torch.log(0.9 * p + 0.1 * q), q, reduction="none").sum(-1)
     assert loss.item() == pytest.approx(_token_mean(skew, mask), rel=1e-5)
-
-
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_runs(name: str) -> None:
-    preset = PRESETS[name]
-    student, teacher, mask = make_inputs(seed=17)
-    loss, grad = loss_and_grad(
-        student,
-        teacher,
-        mask,
-        alpha=preset.alpha,
-        lam=preset.lam,
-        divergence=preset.divergence,
-        anchor=preset.anchor,
-        ab_alpha=preset.ab_alpha,
-        ab_beta=preset.ab_beta,
-    )
-    assert loss.item() > 0
-    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
 
 
 # -- gradients, masks and inputs ------------------------------------------------------------------

@@ -22,16 +22,7 @@ def test_preset_is_well_formed_and_runs(name: str) -> None:
     gen = torch.Generator().manual_seed(0)
     student = torch.randn(2, 4, 13, generator=gen, requires_grad=True)
     teacher = torch.randn(2, 4, 13, generator=gen)
-    loss = amid_loss(
-        student,
-        teacher,
-        alpha=preset.alpha,
-        lam=preset.lam,
-        divergence=preset.divergence,
-        anchor=preset.anchor,
-        ab_alpha=preset.ab_alpha,
-        ab_beta=preset.ab_beta,
-    )
+    loss = amid_loss(student, teacher, **preset.loss_kwargs())
     loss.backward()
     assert loss.item() > 0
     assert student.grad is not None and torch.isfinite(student.grad).all()
