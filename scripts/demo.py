@@ -64,6 +64,20 @@ def wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
     raise RuntimeError(f"the service was not ready within {READY_TIMEOUT_SECONDS:.0f}s")
 
 
+def eval_series(url: str, job_id: str, key: str) -> dict[str, list[tuple[int, float]]]:
+    """The job's evaluation metrics over its steps, read from the REST API."""
+    request = urllib.request.Request(
+        f"{url}/v1/jobs/{job_id}/metrics", headers={"Authorization": f"Bearer {key}"}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        points = json.load(response)["items"]
+    series: dict[str, list[tuple[int, float]]] = {}
+    for point in points:
+        if point["name"].startswith("eval/") and point["value"] is not None:
+            series.setdefault(point["name"], []).append((point["step"], point["value"]))
+    return series
+
+
 def stop(server: subprocess.Popen[bytes]) -> None:
     if server.poll() is not None:
         return
@@ -119,12 +133,11 @@ def main() -> int:
         if job["status"] != "succeeded":
             print(f"   error: {job.get('error')}")
             return 1
-        metrics = job.get("latest_metrics") or job.get("metrics") or {}
-        for name in sorted(metrics):
-            if name.startswith("eval/"):
-                print(f"   {name} = {metrics[name]:.4f}")
-        print(f"== the student: {job.get('final_uri') or job.get('student_uri')}")
-        print(f"   download it: amid jobs download {job_id}  (with AMID_URL/AMID_API_KEY as above)")
+        for name, points in sorted(eval_series(url, job_id, env["AMID_API_KEY"]).items()):
+            trail = " -> ".join(f"{value:.4f} (step {step})" for step, value in points)
+            print(f"   {name}: {trail}")
+        print(f"== the student: {job['student_uri']}")
+        print("   load it with transformers' AutoModelForCausalLM.from_pretrained(<that path>)")
         return 0
     except KeyboardInterrupt:
         print("interrupted; stopping the service")
