@@ -43,7 +43,8 @@ class DbReporter(Callback):
         self._lock = threading.Lock()
         self._events: list[jobs.EventIn] = []
         self._points: list[tuple[int, str, float]] = []
-        self._progress: dict[str, Any] | None = None
+        self._progress: dict[str, Any] | None = None  # not yet written
+        self._last_progress: dict[str, Any] | None = None  # written or not
         self._last_flush = time.monotonic()
         self.cancel_requested = threading.Event()
         self.lease_lost = threading.Event()
@@ -96,9 +97,12 @@ class DbReporter(Callback):
             {"metrics": report.metrics, "samples": report.samples},
         )
         with self._lock:
-            if self._progress is not None:
-                merged = {**(self._progress.get("latest_metrics") or {}), **report.metrics}
-                self._progress = {**self._progress, "latest_metrics": merged}
+            # The step's progress may already be flushed (and cleared): start from the last one
+            # known, so an evaluation always reaches latest_metrics (the store merges the dict).
+            progress = self._progress or self._last_progress
+            if progress is not None:
+                merged = {**(progress.get("latest_metrics") or {}), **report.metrics}
+                self._progress = {**progress, "latest_metrics": merged}
         self.flush()
 
     def on_checkpoint(self, report: CheckpointReport) -> None:
@@ -145,6 +149,7 @@ class DbReporter(Callback):
             events, self._events = self._events, []
             points, self._points = self._points, []
             progress, self._progress = self._progress, None
+            self._last_progress = progress or self._last_progress
             self._last_flush = time.monotonic()
         if points:
             with self.metrics_path.open("a") as handle:
