@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 _SOURCES = {"body", "query", "path", "header", "cookie"}
 # A model-level check reports no location; its message starts with the field it is about.
 _LEADING_FIELD = re.compile(r"^(?:Value error, )?([A-Za-z_][\w.]*): ")
+_NOT_AN_OBJECT = {"model_attributes_type", "model_type", "dict_type"}
 _HTTP_NAMES = {
     400: "BadRequest",
     401: "Unauthorized",
@@ -54,14 +55,18 @@ def error_body(error: str, detail: str, field: str | None, **extra: Any) -> dict
 
 def _field(loc: Sequence[Any], message: str) -> str | None:
     parts = [str(part) for part in loc]
-    if parts and parts[0] in _SOURCES:
+    source = parts[0] if parts and parts[0] in _SOURCES else None
+    if source:
         parts = parts[1:]
     # Drop pydantic's internal steps (union members, validator wrappers) from the path.
     parts = [part for part in parts if "[" not in part]
     if parts:
         return ".".join(parts)
     match = _LEADING_FIELD.match(message)
-    return match.group(1) if match else None
+    if match:
+        return match.group(1)
+    # The body as a whole is at fault (missing, not an object): name it rather than no field.
+    return "body" if source == "body" else None
 
 
 def _describe(err: dict[str, Any]) -> dict[str, Any]:
@@ -70,6 +75,13 @@ def _describe(err: dict[str, Any]) -> dict[str, Any]:
         # The location is a character offset in the body, not a field.
         position = err.get("ctx", {}).get("error") or message
         return {"field": "body", "message": f"malformed JSON: {position}", "type": "json_invalid"}
+    if tuple(err.get("loc", ())) == ("body",):
+        # Pydantic's words for these ("Field required", "Input should be a valid dictionary or
+        # object to extract fields from") do not say that the whole body is meant.
+        if err.get("type") == "missing":
+            message = "a JSON object of job settings is required"
+        elif err.get("type") in _NOT_AN_OBJECT:
+            message = "must be a JSON object of job settings (sent as application/json)"
     return {
         "field": _field(err.get("loc", ()), message),
         "message": message,
@@ -80,10 +92,22 @@ def _describe(err: dict[str, Any]) -> dict[str, Any]:
 # Starlette types every handler as taking Exception; each is registered for one class only.
 
 
+def naming_the_field(message: str, field: str | None) -> str:
+    """`message` led by its field ("field: reason"), as request validation errors read, unless it
+    names the field already (as a word: `teacher` inside a path such as `models/teacher` does
+    not count)."""
+    if field and not re.search(rf"(?<![\w/.-]){re.escape(field)}(?![\w/-])", message):
+        return f"{field}: {message}"
+    return message
+
+
 async def _amid_error(_: Request, raised: Exception) -> JSONResponse:
     exc = cast(AmidError, raised)
     headers = {"WWW-Authenticate": "Bearer"} if exc.status_code == 401 else None
-    return JSONResponse(exc.to_dict(), status_code=exc.status_code, headers=headers)
+    # The detail names the field, so a message read without `field` (a log line, a table of
+    # errors, a client that shows only the detail) still says what was refused.
+    body = {**exc.to_dict(), "detail": naming_the_field(exc.message, exc.field)}
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 async def _validation_error(_: Request, raised: Exception) -> JSONResponse:
@@ -98,11 +122,29 @@ async def _validation_error(_: Request, raised: Exception) -> JSONResponse:
 
 async def _http_error(_: Request, raised: Exception) -> JSONResponse:
     exc = cast(StarletteHTTPException, raised)
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI answers a body it cannot decode (not UTF-8, nested too deeply) with a bare 400;
+        # it is a malformed body like any other, so it gets the documented 422 naming `body`.
+        return _malformed_body(exc.__cause__)
     name = _HTTP_NAMES.get(exc.status_code, "HTTPError")
     return JSONResponse(
         error_body(name, str(exc.detail), None),
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
+    )
+
+
+def _malformed_body(cause: BaseException) -> JSONResponse:
+    if isinstance(cause, UnicodeDecodeError):
+        reason = "not UTF-8 text"
+    elif isinstance(cause, RecursionError):
+        reason = "nested too deeply"
+    else:
+        reason = type(cause).__name__
+    detail = f"body: malformed JSON: {reason}"
+    error = {"field": "body", "message": f"malformed JSON: {reason}", "type": "json_invalid"}
+    return JSONResponse(
+        error_body("ValidationError", detail, "body", errors=[error]), status_code=422
     )
 
 

@@ -42,6 +42,11 @@ class StudentNotReady(AmidError):
     status_code = 409
 
 
+class InvalidIdempotencyKey(AmidError):
+    # Its own class, so the error reads as what it is rather than as the bare base class.
+    status_code = 422
+
+
 def load_job(session: Session, caller: Caller, job_id: str) -> Job:
     # A malformed id cannot exist: answer 404 without asking the database.
     if not _JOB_ID.fullmatch(job_id):
@@ -64,10 +69,9 @@ def submit_job(
     """
     config = get_config()
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
-        raise AmidError(
+        raise InvalidIdempotencyKey(
             "must be 1 to 255 printable ASCII characters without spaces",
             field="Idempotency-Key",
-            status_code=422,
         )
     stored = validate_job_settings(session, settings, config, owner=caller.scope)
     if idempotency_key is not None:

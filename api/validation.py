@@ -9,6 +9,7 @@ so the worker opens exactly what was allowed, whatever its working directory.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,9 @@ from urllib.parse import unquote, urlsplit
 
 from sqlalchemy.orm import Session
 
+# core.data is torch-free at import (torch only under TYPE_CHECKING): the same suffixes and
+# row formats the worker reads with.
+from core.data import FILE_SUFFIXES, FORMATS, detect_format
 from core.errors import AmidError
 from core.settings import DistillSettings
 from store.config import ServiceConfig
@@ -27,6 +31,8 @@ _HUB_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 HUB_ID = re.compile(rf"{_HUB_PART}(/{_HUB_PART})?")
 JOB_REF = re.compile(r"job:([0-9a-f]{32})")
 _JOB_PREFIX = "job:"
+# How much of a local dataset file is read at submission: enough for a first row, never the file.
+DATA_HEAD_BYTES = 1 << 20
 
 
 class SettingRefused(AmidError):
@@ -61,6 +67,13 @@ def validate_job_settings(
             f"{config.max_length_limit}",
             field="max_length",
         )
+    if settings.generation.max_new_tokens > config.max_length_limit:
+        # A length like max_length: tokens generated per eval prompt, bounded by the same limit.
+        raise SettingRefused(
+            f"generation.max_new_tokens {settings.generation.max_new_tokens} exceeds this "
+            f"server's length limit of {config.max_length_limit}",
+            field="generation.max_new_tokens",
+        )
     if settings.trust_remote_code and not config.allow_trust_remote_code:
         raise SettingRefused(
             "trust_remote_code is not allowed on this server", field="trust_remote_code"
@@ -70,9 +83,12 @@ def validate_job_settings(
         public[name] = _check_model(
             session, public[name], name, config=config, owner=owner, base=base
         )
-    public["dataset"]["source"] = _check_source(
-        public["dataset"]["source"], "dataset.source", config.data_roots, config, base
+    dataset = public["dataset"]
+    dataset["source"] = _check_source(
+        dataset["source"], "dataset.source", config.data_roots, config, base
     )
+    if Path(dataset["source"]).is_absolute():  # a checked local path; a hub id never is
+        _check_dataset_head(Path(dataset["source"]), settings)
     return public
 
 
@@ -166,3 +182,99 @@ def _under_roots(path: Path, roots: list[Path], field: str) -> Path:
     if not resolved.exists():
         raise SettingRefused(f"{resolved} does not exist", field=field)
     return resolved
+
+
+def _check_dataset_head(source: Path, settings: DistillSettings) -> None:
+    """Refuse a local dataset the worker could not read, judged from its first row only.
+
+    Cheap on purpose (at most DATA_HEAD_BYTES of one file): a file that is missing its rows, is
+    not the type its name says, or whose first row fits no format fails here, at submission,
+    rather than on a GPU after the models have loaded.
+    """
+    field = "dataset.source"
+    path = source
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES and p.is_file())
+        if not files:
+            raise SettingRefused(
+                f"no {'/'.join(FILE_SUFFIXES)} files in the directory {path}",
+                field=field,
+            )
+        path = files[0]
+    elif not path.is_file():
+        # A FIFO or a device would block or never end: never open one.
+        raise SettingRefused(f"{path} is not a regular file or directory", field=field)
+    if path.suffix not in FILE_SUFFIXES:
+        raise SettingRefused(
+            f"unsupported file type {path.suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}",
+            field=field,
+        )
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(DATA_HEAD_BYTES)
+            size = handle.seek(0, 2)
+            tail = b""
+            if path.suffix == ".parquet" and size >= 8:
+                handle.seek(size - 4)
+                tail = handle.read(4)
+    except OSError as exc:
+        raise SettingRefused(f"{path} cannot be read ({exc.strerror or exc})", field=field) from exc
+    if not head.strip():
+        raise SettingRefused(f"{path} is empty", field=field)
+    if path.suffix == ".parquet":
+        if not (head.startswith(b"PAR1") and tail == b"PAR1"):
+            raise SettingRefused(f"{path} is not a Parquet file", field=field)
+        return
+    _check_first_row(path, head.lstrip(), size <= DATA_HEAD_BYTES, settings)
+
+
+def _check_first_row(path: Path, head: bytes, whole: bool, settings: DistillSettings) -> None:
+    field = "dataset.source"
+    if path.suffix == ".json" and head[:1] not in (b"[", b"{"):
+        raise SettingRefused(f"{path} is not JSON (an array of rows, or JSON lines)", field=field)
+    line, newline, _ = head.partition(b"\n")
+    if path.suffix == ".json" and head[:1] == b"[":
+        return  # an array's first element is not cheap to cut out; the worker reports it
+    if not (newline or whole) or settings.dataset.skip_malformed:
+        return  # a first line longer than the head, or rows the run is told to skip
+    try:
+        row = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        if path.suffix == ".json":
+            return  # one JSON document over several lines; the worker parses it whole
+        reason = "not UTF-8 text" if isinstance(exc, UnicodeDecodeError) else exc.msg
+        raise SettingRefused(
+            f"the first row of {path.name} is not valid JSON ({reason})", field=field
+        ) from exc
+    if path.suffix == ".json" and isinstance(row, dict) and isinstance(row.get("data"), list):
+        return  # {"data": [...]}: rows inside one object
+    if not isinstance(row, dict):
+        raise SettingRefused(f"the first row of {path.name} is not a JSON object", field=field)
+    _check_row_format(path, row, settings)
+
+
+def _check_row_format(path: Path, row: dict[str, object], settings: DistillSettings) -> None:
+    dataset = settings.dataset
+    renamed = dict(row)
+    for target, column in dataset.fields.items():
+        if column not in renamed:
+            raise SettingRefused(
+                f"column {column!r} (for {target!r}) is not in the first row of {path.name}",
+                field="dataset.fields",
+            )
+        renamed[target] = renamed.pop(column)
+    name: str = dataset.format
+    if name == "auto":
+        try:
+            name = detect_format(renamed)
+        except AmidError as exc:
+            raise SettingRefused(
+                f"first row of {path.name}: {exc.message}", field="dataset.format"
+            ) from exc
+    try:
+        FORMATS[name][0](renamed, None)
+    except ValueError as exc:
+        raise SettingRefused(
+            f"the first row of {path.name} does not fit format {name!r}: {exc}",
+            field="dataset.format",
+        ) from exc

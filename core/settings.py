@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     field_validator,
@@ -33,6 +34,8 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 LrSchedule = Literal["cosine", "linear", "constant"]
 
 PositiveInt = Annotated[int, Field(ge=1)]
+MAX_EPOCHS = 1000
+MAX_BATCH_SIZE = 4096
 NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
@@ -78,6 +81,21 @@ class DatasetSettings(_Strict):
     )
 
 
+def _dataset_shorthand(value: Any) -> Any:
+    return {"source": value} if isinstance(value, str) else value
+
+
+# A bare string is read as `{source: ...}`; the request schema says so too (anyOf string or
+# object), so a client generated from the OpenAPI document may send either.
+DatasetField = Annotated[
+    DatasetSettings,
+    BeforeValidator(
+        _dataset_shorthand,
+        json_schema_input_type=Annotated[str, Field(min_length=1)] | DatasetSettings,
+    ),
+]
+
+
 class ScheduleSettings(_Strict):
     kind: ScheduleKind = Field("constant", description="constant, linear or cosine.")
     start: float = Field(description="Value at the first step.")
@@ -115,7 +133,7 @@ class DistillSettings(_Strict):
         examples=["gpt2"],
         min_length=1,
     )
-    dataset: DatasetSettings = Field(
+    dataset: DatasetField = Field(
         description="Training data; a bare string is read as `{source: ...}`."
     )
     trust_remote_code: bool = Field(
@@ -171,10 +189,13 @@ class DistillSettings(_Strict):
     max_steps: PositiveInt | None = Field(
         None, description="Optimizer steps to run; when unset, `epochs` decides."
     )
+    # Upper bounds no real run comes near (an extra zero or three is a typo): refused when the
+    # job is submitted, not after it has loaded its models on a GPU. Without max_steps, the
+    # epochs decide the steps; a huge value would overflow the step count at the start of the run.
     epochs: float = Field(
-        1.0, gt=0, description="Passes over the training split (if no max_steps)."
+        1.0, gt=0, le=MAX_EPOCHS, description="Passes over the training split (if no max_steps)."
     )
-    batch_size: PositiveInt = Field(8, description="Sequences per micro-batch.")
+    batch_size: PositiveInt = Field(8, le=MAX_BATCH_SIZE, description="Sequences per micro-batch.")
     grad_accum_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
     learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
     lr_schedule: LrSchedule = Field("cosine", description="Decay after warmup.")
@@ -189,7 +210,12 @@ class DistillSettings(_Strict):
     max_length: PositiveInt = Field(
         512, description="Prompt + response tokens kept (the response truncated from the right)."
     )
-    seed: int = Field(0, description="Seeds data order, the split, dropout and sampling.")
+    seed: int = Field(
+        0,
+        ge=-(2**63),
+        le=2**63 - 1,  # torch.manual_seed takes a 64-bit integer
+        description="Seeds data order, the split, dropout and sampling.",
+    )
     precision: Precision = Field(
         "auto", description="auto = bf16 on CUDA, fp32 on CPU; the loss is fp32 inside regardless."
     )
@@ -218,8 +244,6 @@ class DistillSettings(_Strict):
         if not isinstance(data, dict):
             return data
         data = dict(data)
-        if isinstance(data.get("dataset"), str):
-            data["dataset"] = {"source": data["dataset"]}
         name = data.get("preset")
         if name is None:
             return data

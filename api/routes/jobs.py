@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response, status
 from fastapi.responses import StreamingResponse
+from pydantic import ValidatorFunctionWrapHandler, WrapValidator
 
 from api import service
 from api.deps import CallerDep, EnqueueDep, SessionDep
@@ -58,6 +59,18 @@ SUBMIT_EXAMPLES = {
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
+
+def _exact_json_types(value: Any, _: ValidatorFunctionWrapHandler) -> DistillSettings:
+    # A JSON body is typed exactly as the OpenAPI schema says: "8" is not an integer, 0 is not
+    # a boolean. Pydantic's lax mode would coerce them (and silently accept what the schema
+    # refuses); the model stays lax for YAML settings files, where `5e-4` parses as a string.
+    if isinstance(value, DistillSettings):
+        return value
+    return DistillSettings.model_validate(value, strict=True)
+
+
+JobRequest = Annotated[DistillSettings, WrapValidator(_exact_json_types)]
+
 JobId = Annotated[str, "a job id (32 hex characters)"]
 
 
@@ -79,7 +92,7 @@ def submit_job(
     caller: CallerDep,
     enqueue: EnqueueDep,
     response: Response,
-    settings: Annotated[DistillSettings, Body(openapi_examples=SUBMIT_EXAMPLES)],
+    settings: Annotated[JobRequest, Body(openapi_examples=SUBMIT_EXAMPLES)],
     idempotency_key: Annotated[
         str | None,
         Header(

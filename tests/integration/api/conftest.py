@@ -20,6 +20,7 @@ from store.config import get_config
 from store.db import get_sessionmaker, reset_engine, session_scope, upgrade
 from store.keys import create_api_key
 from store.queue import reset_celery_app
+from tests.integration.api.bad_inputs import Layout, make_layout
 
 
 @pytest.fixture(scope="session")
@@ -28,30 +29,16 @@ def migrated_url(postgres_url: str) -> str:
     return postgres_url
 
 
-@dataclass
-class Roots:
-    cwd: Path
-    models: Path
-    data: Path
-    outside: Path
+# The server's directories: model and data roots, one outside, broken data files (bad_inputs).
+Roots = Layout
 
 
 @pytest.fixture
 def roots(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Roots:
-    layout = Roots(
-        cwd=tmp_path / "srv",
-        models=tmp_path / "srv" / "models",
-        data=tmp_path / "srv" / "data",
-        outside=tmp_path / "elsewhere",
-    )
-    for directory in (layout.models / "teacher", layout.models / "student", layout.outside):
-        directory.mkdir(parents=True)
-    layout.data.mkdir()
-    (layout.data / "train.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
-    (layout.outside / "secret.jsonl").write_text("{}\n")
+    layout = make_layout(tmp_path)
     monkeypatch.chdir(layout.cwd)
-    monkeypatch.setenv("AMID_MODEL_ROOTS", str(layout.models))
-    monkeypatch.setenv("AMID_DATA_ROOTS", str(layout.data))
+    for name, value in layout.env().items():
+        monkeypatch.setenv(name, value)
     return layout
 
 

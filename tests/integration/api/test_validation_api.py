@@ -1,145 +1,105 @@
-"""Every refused submission is a 422 that names the field at fault (schema and server checks)."""
+"""Every bad input in the table (bad_inputs.CASES) is refused as the table says, and changes
+nothing; what the table refuses by operator setting is accepted once the operator allows it; and
+what lies inside the roots is accepted, stored resolved."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
+from api.deps import get_enqueue
+from api.main import create_app
 from store import jobs
-from store.db import session_scope
-from tests.integration.api.conftest import Roots
+from store.config import get_config
+from store.db import reset_engine, session_scope
+from tests.integration.api import bad_inputs
+from tests.integration.api.bad_inputs import (
+    BASE,
+    Case,
+    World,
+    make_layout,
+    make_world,
+    operator_env,
+    send,
+)
+from tests.integration.api.conftest import Roots, Sent
 
 pytestmark = pytest.mark.integration
 
 MakeKey = Callable[..., dict[str, str]]
-BODY: dict[str, Any] = {"teacher": "gpt2", "student": "distilgpt2", "dataset": "data/train.jsonl"}
+
+
+Table = tuple[TestClient, World, dict[str, str]]
+
+
+@pytest.fixture(scope="module")
+def table(migrated_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Table]:
+    """One app and one world for the whole table: each case checks that it changed nothing."""
+    base = tmp_path_factory.mktemp("bad-inputs")
+    layout = make_layout(base)
+    env = {**layout.env(), "AMID_DATABASE_URL": migrated_url, "AMID_HOME": str(base / "home")}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        patch.chdir(layout.cwd)
+        get_config.cache_clear()
+        reset_engine()
+        app = create_app()
+        sent = Sent()
+        app.dependency_overrides[get_enqueue] = lambda: sent
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client, make_world(client, layout), env
+        reset_engine()
+    get_config.cache_clear()
+
+
+@pytest.fixture
+def table_world(table: Table, monkeypatch: pytest.MonkeyPatch) -> tuple[TestClient, World]:
+    # Each test starts from an isolated home (the suite's autouse fixture): restore the table's.
+    client, world, env = table
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(world.layout.cwd)
+    get_config.cache_clear()
+    return client, world
 
 
 def _post(client: TestClient, headers: dict[str, str], body: dict[str, Any]) -> Any:
     return client.post("/v1/jobs", json=body, headers=headers)
 
 
-SCHEMA_CASES: list[tuple[dict[str, Any], str]] = [
-    ({"lambda": 1.5}, "lambda"),
-    ({"lambda": "half"}, "lambda"),
-    ({"alpha": "x"}, "alpha"),
-    ({"divergence": "no-such-divergence"}, "divergence"),
-    ({"anchor": "both"}, "anchor"),
-    ({"preset": "no-such-preset"}, "preset"),
-    ({"dataset": {"source": ""}}, "dataset.source"),
-    ({"dataset": {"source": "data/train.jsonl", "format": "csv"}}, "dataset.format"),
-    ({"dataset": {"source": "data/train.jsonl", "colour": 1}}, "dataset.colour"),
-    ({"generation": {"top_p": 2}}, "generation.top_p"),
-    ({"batch_size": 0}, "batch_size"),
-    ({"max_steps": -1}, "max_steps"),
-    ({"learning_rate": 0}, "learning_rate"),
-    ({"typo_field": 1}, "typo_field"),
-    ({"lambda": 1.0, "anchor": "teacher"}, "lambda"),
-    ({"max_prompt_length": 512, "max_length": 512}, "max_prompt_length"),
-]
+def test_the_table_has_one_case_per_name() -> None:
+    names = [case.name for case in bad_inputs.CASES]
+    assert len(names) == len(set(names)), sorted({n for n in names if names.count(n) > 1})
 
 
-@pytest.mark.parametrize(("change", "field"), SCHEMA_CASES)
-def test_schema_errors_name_the_field(
-    client: TestClient, make_key: MakeKey, change: dict[str, Any], field: str
+@pytest.mark.parametrize("case", bad_inputs.CASES, ids=lambda case: case.name)
+def test_bad_input_is_refused_as_the_table_says(
+    table_world: tuple[TestClient, World], case: Case
 ) -> None:
-    response = _post(client, make_key(), {**BODY, **change})
-    assert response.status_code == 422, response.text
-    body = response.json()
-    assert body["error"] == "ValidationError"
-    assert body["field"] == field and field in body["detail"]
+    client, world = table_world
+    outcome = bad_inputs.run_case(client, case, world)
+    assert outcome.problems == (), (outcome.status, outcome.error, outcome.field, outcome.detail)
 
 
-@pytest.mark.parametrize("missing", ["teacher", "student", "dataset"])
-def test_missing_required_field_is_named(
-    client: TestClient, make_key: MakeKey, missing: str
+@pytest.mark.parametrize(
+    "case",
+    [case for case in bad_inputs.CASES if case.allowed_with is not None],
+    ids=lambda case: case.name,
+)
+def test_the_operator_setting_refused_it_not_the_request(
+    table_world: tuple[TestClient, World], case: Case
 ) -> None:
-    body = {key: value for key, value in BODY.items() if key != missing}
-    response = _post(client, make_key(), body)
-    assert response.status_code == 422 and response.json()["field"] == missing
-
-
-SERVER_CASES: list[tuple[dict[str, str], dict[str, Any], str]] = [
-    ({"AMID_MAX_STEPS_LIMIT": "100"}, {"max_steps": 101}, "max_steps"),
-    ({"AMID_MAX_LENGTH_LIMIT": "256"}, {"max_length": 300, "max_prompt_length": 128}, "max_length"),
-    ({}, {"trust_remote_code": True}, "trust_remote_code"),
-    ({"AMID_ALLOW_HUB": "false"}, {}, "teacher"),
-    ({"AMID_ALLOW_HUB": "false"}, {"teacher": "models/teacher"}, "student"),
-    (
-        {"AMID_ALLOW_HUB": "false"},
-        {"teacher": "models/teacher", "student": "models/student", "dataset": "org/data"},
-        "dataset.source",
-    ),
-]
-
-
-@pytest.mark.parametrize(("env", "change", "field"), SERVER_CASES)
-def test_server_limits_name_the_field(
-    client: TestClient,
-    make_key: MakeKey,
-    monkeypatch: pytest.MonkeyPatch,
-    env: dict[str, str],
-    change: dict[str, Any],
-    field: str,
-) -> None:
-    from store.config import get_config
-
-    headers = make_key()
-    body = {**BODY, **change}
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    get_config.cache_clear()
-    refused = _post(client, headers, body)
-    assert refused.status_code == 422, refused.text
-    assert refused.json()["error"] == "SettingRefused" and refused.json()["field"] == field
-    # The same body passes once the operator allows it: the check, not the body, refused it.
-    for name in env:
-        monkeypatch.delenv(name)
-    monkeypatch.setenv("AMID_ALLOW_TRUST_REMOTE_CODE", "true")
-    get_config.cache_clear()
-    assert _post(client, headers, body).status_code == 201
-
-
-def _path_cases(roots: Roots) -> list[tuple[dict[str, Any], str]]:
-    link = roots.models / "escape"
-    if not link.exists():
-        link.symlink_to(roots.outside, target_is_directory=True)
-    data_link = roots.data / "leak.jsonl"
-    if not data_link.exists():
-        data_link.symlink_to(roots.outside / "secret.jsonl")
-    return [
-        ({"teacher": str(roots.outside)}, "teacher"),
-        ({"teacher": "/etc"}, "teacher"),
-        ({"student": "models/../../elsewhere"}, "student"),
-        ({"student": "./models/escape"}, "student"),
-        ({"student": str(link)}, "student"),
-        ({"teacher": roots.outside.as_uri()}, "teacher"),
-        ({"teacher": "file://otherhost/models/teacher"}, "teacher"),
-        ({"teacher": "s3://bucket/model"}, "teacher"),
-        ({"teacher": "models/missing"}, "teacher"),
-        ({"teacher": "a/b/c"}, "teacher"),
-        ({"teacher": ".hidden"}, "teacher"),
-        ({"teacher": "~/models"}, "teacher"),
-        ({"dataset": "../elsewhere/secret.jsonl"}, "dataset.source"),
-        ({"dataset": str(roots.outside / "secret.jsonl")}, "dataset.source"),
-        ({"dataset": "data/leak.jsonl"}, "dataset.source"),
-        ({"dataset": "models/teacher"}, "dataset.source"),  # a model root is not a data root
-        ({"teacher": "gpt2\u0000"}, "teacher"),
-    ]
-
-
-def test_paths_outside_the_roots_are_refused(
-    client: TestClient, make_key: MakeKey, roots: Roots
-) -> None:
-    headers = make_key()
-    for change, field in _path_cases(roots):
-        response = _post(client, headers, {**BODY, **change})
-        assert response.status_code == 422, (change, response.text)
-        assert response.json()["field"] == field, (change, response.json())
+    client, world = table_world
+    assert case.allowed_with is not None
+    with operator_env(case.allowed_with):
+        response = send(client, case, world)
+    assert response.status_code == 201, response.text
 
 
 def test_paths_inside_the_roots_are_stored_resolved(
@@ -160,36 +120,44 @@ def test_paths_inside_the_roots_are_stored_resolved(
     assert Path(settings["dataset"]["source"]) == (roots.data / "train.jsonl").resolve()
 
 
-def test_no_roots_configured_means_no_local_paths(
-    client: TestClient, make_key: MakeKey, monkeypatch: pytest.MonkeyPatch
+def test_readable_datasets_of_every_kind_are_accepted(
+    client: TestClient, make_key: MakeKey, roots: Roots
 ) -> None:
-    from store.config import get_config
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    monkeypatch.delenv("AMID_DATA_ROOTS")
-    get_config.cache_clear()
-    response = _post(client, make_key(), BODY)
-    assert response.status_code == 422 and response.json()["field"] == "dataset.source"
+    rows = [{"instruction": "i", "context": "", "response": "r"}] * 2
+    good = roots.data / "good"
+    good.mkdir()
+    (good / "a.jsonl").write_text("\n" + "\n".join(json.dumps(row) for row in rows) + "\n")
+    (roots.data / "array.json").write_text(json.dumps(rows, indent=2))
+    (roots.data / "wrapped.json").write_text(json.dumps({"data": rows}, indent=2))
+    (roots.data / "lines.json").write_text(json.dumps(rows[0]) + "\n")
+    pq.write_table(pa.Table.from_pylist(rows), roots.data / "rows.parquet")
+    (roots.data / "renamed.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    (roots.data / "skip.jsonl").write_text('{broken\n{"prompt": "p", "response": "r"}\n')
+    headers = make_key()
+    for dataset in [
+        "data/good",
+        "data/array.json",
+        "data/wrapped.json",
+        "data/lines.json",
+        "data/rows.parquet",
+        {"source": "data/good/a.jsonl", "format": "dolly"},
+        {"source": "data/renamed.jsonl", "fields": {"prompt": "question", "response": "answer"}},
+        {"source": "data/skip.jsonl", "skip_malformed": True},
+    ]:
+        response = _post(client, headers, {**BASE, "dataset": dataset})
+        assert response.status_code == 201, (dataset, response.text)
 
 
-def test_job_references_must_be_a_visible_succeeded_job(
+def test_a_job_reference_to_a_visible_succeeded_job_is_accepted(
     client: TestClient, make_key: MakeKey
 ) -> None:
-    alice, bob = make_key(), make_key()
-    done = _post(client, alice, BODY).json()["id"]
-    pending = _post(client, alice, BODY).json()["id"]
+    alice = make_key()
+    done = _post(client, alice, BASE).json()["id"]
     with session_scope() as session:
         jobs.claim_job(session, done, "w")
         jobs.finish_job(session, done, "w", "succeeded", final_uri="file:///students/x")
-
-    cases = [
-        (bob, f"job:{done}"),  # another owner's job: not found
-        (alice, f"job:{pending}"),  # not succeeded
-        (alice, "job:" + "0" * 32),  # no such job
-        (alice, "job:../../etc"),  # not a job id at all
-    ]
-    for headers, reference in cases:
-        response = _post(client, headers, {**BODY, "teacher": reference})
-        assert response.status_code == 422, reference
-        assert response.json()["field"] == "teacher"
-    accepted = _post(client, alice, {**BODY, "teacher": f"job:{done}"})
+    accepted = _post(client, alice, {**BASE, "teacher": f"job:{done}"})
     assert accepted.status_code == 201 and accepted.json()["settings"]["teacher"] == f"job:{done}"
