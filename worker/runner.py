@@ -57,8 +57,15 @@ def run_job(job_id: str, worker_id: str) -> str:
     """Run a job this worker has claimed; returns the status it ended with."""
     config = get_config()
     work_dir = (config.home / "work" / job_id).resolve()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    reporter = DbReporter(job_id, worker_id, get_artifact_store(), work_dir / "metrics.jsonl")
+    # The lease is kept fresh from the claim on, not only once training starts: importing torch,
+    # downloading a `job:` source or a checkpoint to resume from can take longer than the stale
+    # threshold, and the reaper would re-queue a job whose worker is alive and busy.
+    heartbeat = Heartbeat(reporter, config.heartbeat_seconds)
+    heartbeat.start()
     try:
-        return _run(job_id, worker_id, work_dir)
+        return _run(job_id, worker_id, work_dir, reporter)
     except Exception as exc:
         code = exc.code if isinstance(exc, AmidError) else "InternalError"
         message = exc.message if isinstance(exc, AmidError) else f"{type(exc).__name__}: {exc}"
@@ -71,10 +78,11 @@ def run_job(job_id: str, worker_id: str) -> str:
         )
         return JobStatus.FAILED.value
     finally:
+        heartbeat.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
 
 
-def _run(job_id: str, worker_id: str, work_dir: Path) -> str:
+def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> str:
     # Heavy imports here: the worker's parent process never loads torch or touches CUDA.
     from core.models import check_tokenizers
     from core.train import distill
@@ -94,7 +102,6 @@ def _run(job_id: str, worker_id: str, work_dir: Path) -> str:
     # Cheap before expensive: two tokenizers, not two models, decide a mismatched pair.
     check_tokenizers(settings.teacher, settings.student, settings.trust_remote_code)
 
-    work_dir.mkdir(parents=True, exist_ok=True)
     resume_from: Path | None = None
     if attempt > 1:
         checkpoint_uri = with_session(
@@ -103,13 +110,7 @@ def _run(job_id: str, worker_id: str, work_dir: Path) -> str:
         if checkpoint_uri is not None:
             resume_from = artifacts.download_dir(checkpoint_uri, work_dir / "resume")
 
-    reporter = DbReporter(job_id, worker_id, artifacts, work_dir / "metrics.jsonl")
-    heartbeat = Heartbeat(reporter, config.heartbeat_seconds)
-    heartbeat.start()
-    try:
-        result = distill(settings, work_dir / "run", callbacks=[reporter], resume_from=resume_from)
-    finally:
-        heartbeat.stop()
+    result = distill(settings, work_dir / "run", callbacks=[reporter], resume_from=resume_from)
     reporter.upload_metrics()
 
     if reporter.lease_lost.is_set():
