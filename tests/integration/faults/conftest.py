@@ -1,0 +1,168 @@
+"""Fixtures of the fault tests: service stacks of real processes, private Redis and Postgres
+servers to stop and start, a database of each test's own, and the reliability record.
+
+Service-backed fixtures follow the suite's rule: they skip on a machine without the services and
+fail when AMID_REQUIRE_SERVICES=1, so CI never passes by skipping a fault test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable, Generator, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+import sqlalchemy as sa
+
+from store.db import upgrade
+from tests.conftest import _require
+from tests.integration.faults._stack import PrivatePostgres, PrivateRedis, ServerFailed, Stack
+
+REPORT_ENV = "AMID_FAULTS_REPORT"
+RECORD_KEYS = ("fault", "action", "held", "jobs_submitted", "jobs_lost", "measured")
+
+_CALL_PASSED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_PASSED] = report.passed
+    return report
+
+
+class FaultRecord(Protocol):
+    def __call__(
+        self,
+        *,
+        fault: str,
+        action: str,
+        held: str,
+        jobs_submitted: int,
+        jobs_lost: int,
+        measured: dict[str, float | int],
+    ) -> None: ...
+
+
+@pytest.fixture
+def fault_record(request: pytest.FixtureRequest) -> Iterator[FaultRecord]:
+    """Call once, after the test's assertions, with what the reliability report shows.
+
+    When AMID_FAULTS_REPORT names a file, one JSON object per line is appended to it, with
+    exactly the keys fault, action, held, jobs_submitted, jobs_lost and measured; and only once
+    the test has passed (the line is written at teardown). Without the variable nothing is
+    written. A lost job fails the test here, before anything could be recorded.
+    """
+    recorded: list[dict[str, Any]] = []
+
+    def record(
+        *,
+        fault: str,
+        action: str,
+        held: str,
+        jobs_submitted: int,
+        jobs_lost: int,
+        measured: dict[str, float | int],
+    ) -> None:
+        assert not recorded, "fault_record is called once per test"
+        assert jobs_lost == 0, f"{jobs_lost} of {jobs_submitted} jobs lost"
+        assert isinstance(jobs_submitted, int) and jobs_submitted > 0
+        assert all(isinstance(v, int | float) for v in measured.values()), measured
+        recorded.append(
+            {
+                "fault": fault,
+                "action": action,
+                "held": held,
+                "jobs_submitted": jobs_submitted,
+                "jobs_lost": jobs_lost,
+                "measured": dict(measured),
+            }
+        )
+
+    yield record
+
+    if not request.node.stash.get(_CALL_PASSED, False):
+        return
+    assert len(recorded) == 1, "a fault test must call fault_record exactly once"
+    target = os.environ.get(REPORT_ENV)
+    if target:
+        line = json.dumps({key: recorded[0][key] for key in RECORD_KEYS})
+        with Path(target).open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+
+
+@pytest.fixture
+def own_database(postgres_url: str) -> Iterator[str]:
+    """A migrated database of this test's own on the local Postgres, dropped afterwards.
+
+    Not the session's shared one: a reaper sweeps every running and queued job of its database,
+    so it would take over (and re-send) jobs that other tests left behind.
+    """
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    name = f"amid_faults_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
+    """A running redis-server of this test's own (a kill -9 leaves unacknowledged messages in
+    Redis; they stay in this throw-away server, not in the shared one)."""
+    try:
+        server = PrivateRedis(tmp_path / "redis")
+        server.start()
+    except ServerFailed as exc:
+        _require("a private redis-server", exc)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
+    """A running, migrated Postgres cluster of this test's own."""
+    server: PrivatePostgres | None = None
+    try:
+        server = PrivatePostgres(tmp_path)
+        server.init()
+        server.start()
+    except (ServerFailed, OSError, TimeoutError) as exc:
+        if server is not None:
+            server.close()
+        _require("a private Postgres", exc)
+    assert server is not None
+    try:
+        upgrade(server.url)
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """`make_stack(database_url, broker_url, **env)`: a stack whose processes stop at teardown."""
+    stacks: list[Stack] = []
+
+    def make(database_url: str, broker_url: str, **settings: str) -> Stack:
+        stack = Stack(tmp_path / f"stack-{len(stacks)}", database_url, broker_url, settings)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in reversed(stacks):
+        stack.close()

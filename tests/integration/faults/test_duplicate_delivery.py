@@ -1,0 +1,83 @@
+"""The same run_job message twice, to two workers on one queue: the DB claim lets one run it and
+the other take nothing, so the job runs exactly once."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from store.config import ServiceConfig
+from store.queue import RUN_JOB_TASK, build_celery_app
+from tests.integration.e2e._service import job_body, wait_for
+from tests.integration.faults._stack import PrivateRedis, Service, Stack
+from tests.integration.faults.conftest import FaultRecord
+
+pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
+
+JOB_TIMEOUT = 180.0
+
+
+def _outcomes(worker: Service) -> list[str]:
+    """What each run_job task this worker finished returned ('succeeded', 'not_claimed', ...)."""
+    return re.findall(
+        r"Task amid\.run_job\[[^\]]+\] succeeded in [\d.]+s: '(\w+)'", worker.output()
+    )
+
+
+def test_a_message_delivered_twice_runs_the_job_once(
+    own_database: str,
+    private_redis: PrivateRedis,
+    make_stack: Callable[..., Stack],
+    fault_record: FaultRecord,
+) -> None:
+    stack = make_stack(own_database, private_redis.url)
+    stack.start_api()
+    workers = [stack.start_worker("worker-a"), stack.start_worker("worker-b")]
+    stack.wait_api()
+    for worker in workers:
+        stack.wait_worker(worker)
+
+    # The API sends the message once; a second copy follows at once, so both workers' claims race.
+    job_id = stack.client.submit(job_body(max_steps=4, checkpoint_interval=0)).json()["id"]
+    app = build_celery_app(
+        ServiceConfig(
+            home=Path(stack.env["AMID_HOME"]), broker_url=stack.broker_url, queue=stack.queue
+        )
+    )
+    try:
+        app.send_task(RUN_JOB_TASK, args=[job_id], queue=stack.queue)
+    finally:
+        app.close()
+
+    job = stack.wait_finished(job_id, JOB_TIMEOUT)
+    assert job["status"] == "succeeded", (job, stack.logs())
+    # Both deliveries are consumed, one by each worker: one ran the job, one claimed nothing.
+    wait_for(
+        lambda: sorted(o for w in workers for o in _outcomes(w)) == ["not_claimed", "succeeded"],
+        60,
+        f"both deliveries to be handled\n{stack.logs()}",
+    )
+    assert sorted(tuple(_outcomes(w)) for w in workers) == [("not_claimed",), ("succeeded",)]
+    loser = next(w for w in workers if _outcomes(w) == ["not_claimed"])
+    assert f"job {job_id}: nothing to claim" in loser.output()
+
+    assert job["attempt"] == 1
+    types = [e["type"] for e in stack.events(job_id)]
+    assert types.count("started") == 1
+    assert types.count("run_started") == 1
+    assert types.count("succeeded") == 1
+
+    fault_record(
+        fault="duplicate delivery",
+        action="sent the run_job message of one job twice to a queue consumed by two workers",
+        held=(
+            "one worker ran the job once (attempt 1, one started event) and the other's "
+            "delivery claimed nothing"
+        ),
+        jobs_submitted=1,
+        jobs_lost=0 if job["status"] == "succeeded" else 1,
+        measured={"runs": types.count("run_started")},
+    )
