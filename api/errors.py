@@ -127,8 +127,10 @@ async def _http_error(_: Request, raised: Exception) -> JSONResponse:
         # it is a malformed body like any other, so it gets the documented 422 naming `body`.
         return _malformed_body(exc.__cause__)
     name = _HTTP_NAMES.get(exc.status_code, "HTTPError")
+    # A body over the limit while it streams in: the body is at fault, as when it is declared.
+    field = "body" if isinstance(exc, BodyTooLarge) else None
     return JSONResponse(
-        error_body(name, str(exc.detail), None),
+        error_body(name, naming_the_field(str(exc.detail), field), field),
         status_code=exc.status_code,
         headers=getattr(exc, "headers", None),
     )

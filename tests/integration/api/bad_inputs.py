@@ -15,16 +15,16 @@ number of jobs, events and keys, and every row of the world's jobs).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from string import Template
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
-import httpx
 import sqlalchemy as sa
 from fastapi.testclient import TestClient
 
@@ -33,6 +33,19 @@ from store.config import get_config
 from store.db import get_sessionmaker, session_scope
 from store.keys import create_api_key, revoke_api_key
 from store.models import ApiKey, Job, JobEvent
+
+
+class Answer(Protocol):
+    """What the test client answers (httpx's Response, whichever httpx the client uses)."""
+
+    @property
+    def status_code(self) -> int: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def text(self) -> str: ...
+    def json(self) -> Any: ...
+
 
 Auth = Literal["user", "other", "admin", "none", "wrong", "revoked"]
 
@@ -60,8 +73,8 @@ class Case:
     drop: tuple[str, ...] = ()
     raw: bytes | None = None
     params: Mapping[str, str] | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    env: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     # Operator settings under which the very same request is accepted (201): the setting, not
     # the body, refused it. None where no setting would.
     allowed_with: Mapping[str, str] | None = None
@@ -247,34 +260,34 @@ SIZES = [
     _schema("seed beyond 64 bits", "sizes", "seed", {"seed": 2**64}),
 ]
 
+SHAPE_CHANGES: list[tuple[str, str, Mapping[str, Any]]] = [
+    ("unknown top-level field", "typo_field", {"typo_field": 1}),
+    (
+        "unknown field in dataset",
+        "dataset.colour",
+        {"dataset": {"source": "data/train.jsonl", "colour": 1}},
+    ),
+    ("unknown field in generation", "generation.beam_width", {"generation": {"beam_width": 4}}),
+    ("lambda as text", "lambda", {"lambda": "half"}),
+    ("batch_size as text", "batch_size", {"batch_size": "8"}),
+    ("batch_size fractional", "batch_size", {"batch_size": 1.5}),
+    ("boolean as a number", "eval_at_start", {"eval_at_start": 0}),
+    ("teacher as a number", "teacher", {"teacher": 7}),
+    ("dataset as a list", "dataset", {"dataset": ["data/train.jsonl"]}),
+    ("dataset source empty", "dataset.source", {"dataset": ""}),
+    (
+        "unknown dataset format",
+        "dataset.format",
+        {"dataset": {"source": "data/train.jsonl", "format": "csv"}},
+    ),
+    (
+        "dataset field rename not text",
+        "dataset.fields.response",
+        {"dataset": {"source": "data/train.jsonl", "fields": {"response": 1}}},
+    ),
+]
 SHAPE = [
-    Case(n, "fields and types", 422, f, "ValidationError", change=c)
-    for n, f, c in [
-        ("unknown top-level field", "typo_field", {"typo_field": 1}),
-        (
-            "unknown field in dataset",
-            "dataset.colour",
-            {"dataset": {"source": "data/train.jsonl", "colour": 1}},
-        ),
-        ("unknown field in generation", "generation.beam_width", {"generation": {"beam_width": 4}}),
-        ("lambda as text", "lambda", {"lambda": "half"}),
-        ("batch_size as text", "batch_size", {"batch_size": "8"}),
-        ("batch_size fractional", "batch_size", {"batch_size": 1.5}),
-        ("boolean as a number", "eval_at_start", {"eval_at_start": 0}),
-        ("teacher as a number", "teacher", {"teacher": 7}),
-        ("dataset as a list", "dataset", {"dataset": ["data/train.jsonl"]}),
-        ("dataset source empty", "dataset.source", {"dataset": ""}),
-        (
-            "unknown dataset format",
-            "dataset.format",
-            {"dataset": {"source": "data/train.jsonl", "format": "csv"}},
-        ),
-        (
-            "dataset field rename not text",
-            "dataset.fields.response",
-            {"dataset": {"source": "data/train.jsonl", "fields": {"response": 1}}},
-        ),
-    ]
+    Case(n, "fields and types", 422, f, "ValidationError", change=c) for n, f, c in SHAPE_CHANGES
 ] + [
     Case(f"no {name}", "fields and types", 422, name, "ValidationError", drop=(name,))
     for name in ("teacher", "student", "dataset")
@@ -307,7 +320,7 @@ BODY = [
         "body over AMID_MAX_BODY_BYTES",
         "the body",
         413,
-        None,
+        "body",
         "RequestTooLarge",
         raw=json.dumps(BASE).encode() + b" " * 8192,
         env={"AMID_MAX_BODY_BYTES": "4096"},
@@ -844,7 +857,7 @@ def _fill(value: Any, values: Mapping[str, str]) -> Any:
     return value
 
 
-def send(client: TestClient, case: Case, world: World) -> httpx.Response:
+def send(client: TestClient, case: Case, world: World) -> Answer:
     values = world.values()
     headers = {**world.auth[case.auth], **case.headers}
     content = None
@@ -892,7 +905,7 @@ class Outcome:
         return not self.problems
 
 
-def judge(case: Case, response: httpx.Response, world: World) -> Outcome:
+def judge(case: Case, response: Answer, world: World) -> Outcome:
     """The answer against the case: every way it falls short, empty when it matches."""
     problems: list[str] = []
     if response.status_code >= 500:
