@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -31,6 +32,7 @@ _HUB_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
 HUB_ID = re.compile(rf"{_HUB_PART}(/{_HUB_PART})?")
 JOB_REF = re.compile(r"job:([0-9a-f]{32})")
 _JOB_PREFIX = "job:"
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # How much of a local dataset file is read at submission: enough for a first row, never the file.
 DATA_HEAD_BYTES = 1 << 20
 
@@ -53,8 +55,9 @@ def validate_job_settings(
 
     `owner` is whose jobs a `job:<id>` may name (None: an admin, any job).
     """
+    # Checked before anything is encoded: a lone surrogate cannot even be written as JSON.
+    _refuse_unstorable(settings.model_dump(by_alias=True), "")
     public = settings.public_dict()
-    _refuse_nul(public, "")
     if settings.max_steps is not None and settings.max_steps > config.max_steps_limit:
         raise SettingRefused(
             f"max_steps {settings.max_steps} exceeds this server's limit of "
@@ -92,17 +95,24 @@ def validate_job_settings(
     return public
 
 
-def _refuse_nul(value: Any, where: str) -> None:
-    # Postgres text and JSONB cannot hold U+0000; refuse it here rather than fail at insert.
-    if isinstance(value, str) and "\x00" in value:
-        raise SettingRefused("must not contain a NUL character", field=where or None)
+def _refuse_unstorable(value: Any, where: str) -> None:
+    # Postgres text and JSONB cannot hold U+0000, and no UTF-8 text holds an unpaired surrogate
+    # (JSON's "\ud800" decodes to one): refuse them here, naming the field, rather than fail
+    # with a 500 when the settings are encoded or inserted.
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise SettingRefused("must not contain a NUL character", field=where or None)
+        if _SURROGATE.search(value):
+            raise SettingRefused(
+                "must be valid Unicode text (an unpaired surrogate is not)", field=where or None
+            )
     if isinstance(value, dict):
         for key, item in value.items():
-            _refuse_nul(key, where)
-            _refuse_nul(item, f"{where}.{key}" if where else str(key))
+            _refuse_unstorable(key, where)
+            _refuse_unstorable(item, f"{where}.{key}" if where else str(key))
     elif isinstance(value, list):
         for item in value:
-            _refuse_nul(item, where)
+            _refuse_unstorable(item, where)
 
 
 def _check_model(
@@ -137,8 +147,8 @@ def _check_source(
     path, explicit = _as_path(source, field, base)
     # `models/missing` where ./models is a local directory means a missing local path, not
     # a hub id of an org called "models".
-    looks_local = "/" in source and (base / source.split("/", 1)[0]).is_dir()
-    if explicit or looks_local or path.exists():
+    looks_local = "/" in source and _probe((base / source.split("/", 1)[0]).is_dir)
+    if explicit or looks_local or _probe(path.exists):
         return str(_under_roots(path, roots, field))
     if not HUB_ID.fullmatch(source) or ".." in source:
         raise SettingRefused(
@@ -165,21 +175,41 @@ def _as_path(source: str, field: str, base: Path) -> tuple[Path, bool]:
             f"{source!r}: URLs other than file:// are not accepted here", field=field
         )
     explicit = source.startswith(("/", "./", "../", "~", ".")) or "\\" in source
-    path = Path(source).expanduser()
+    try:
+        path = Path(source).expanduser()
+    except RuntimeError as exc:  # `~name/...` of a user this machine does not have
+        raise SettingRefused(f"{source!r}: no such home directory", field=field) from exc
     return (path if path.is_absolute() else base / path), explicit
+
+
+def _probe(check: Callable[[], bool]) -> bool:
+    """A filesystem test that answers False where the system cannot even look (a name too long
+    for it): such a name is no local path, and an error here must not become a 500."""
+    try:
+        return check()
+    except OSError:
+        return False
 
 
 def _under_roots(path: Path, roots: list[Path], field: str) -> Path:
     # resolve() follows every symlink and removes `..`, so a link or a climb out of a root is
     # judged by where it really lands.
-    resolved = path.resolve()
+    try:
+        resolved = path.resolve()
+    except RuntimeError as exc:  # a link that leads back to itself (Python < 3.13)
+        raise SettingRefused(f"{path.name} is a symbolic link loop", field=field) from exc
     if not roots:
         raise SettingRefused("local paths are not allowed on this server", field=field)
     if not any(resolved.is_relative_to(root.expanduser().resolve()) for root in roots):
         raise SettingRefused(
             "path is outside the directories this server allows for " + field, field=field
         )
-    if not resolved.exists():
+    try:
+        exists = resolved.exists()
+    except OSError as exc:  # a name too long for the filesystem, and the like
+        name = resolved.name if len(resolved.name) <= 64 else resolved.name[:64] + "..."
+        raise SettingRefused(f"{name} cannot be looked up ({exc.strerror})", field=field) from exc
+    if not exists:
         raise SettingRefused(f"{resolved} does not exist", field=field)
     return resolved
 
@@ -194,7 +224,10 @@ def _check_dataset_head(source: Path, settings: DistillSettings) -> None:
     field = "dataset.source"
     path = source
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES and p.is_file())
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES and p.is_file())
+        except OSError as exc:
+            raise SettingRefused(f"{path} cannot be listed ({exc.strerror})", field=field) from exc
         if not files:
             raise SettingRefused(
                 f"no {'/'.join(FILE_SUFFIXES)} files in the directory {path}",

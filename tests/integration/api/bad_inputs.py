@@ -394,6 +394,25 @@ PATHS = [
         ("teacher in a home directory", "teacher", {"teacher": "~/models"}, ()),
         ("teacher with a NUL byte", "teacher", {"teacher": "gpt2\u0000"}, ("NUL",)),
         (
+            "teacher in an unknown user's home",
+            "teacher",
+            {"teacher": "~amid-no-such-user/m"},
+            ("home",),
+        ),
+        ("teacher a name too long for a file", "teacher", {"teacher": "a" * 300}, ("hub id",)),
+        (
+            "student path too long to look up",
+            "student",
+            {"student": "models/" + "a" * 300},
+            ("looked up",),
+        ),
+        (
+            "dataset path too long to look up",
+            "dataset.source",
+            {"dataset": "data/" + "a" * 300 + ".jsonl"},
+            ("looked up",),
+        ),
+        (
             "dataset with a NUL byte",
             "dataset.source",
             {"dataset": "data/train.jsonl\u0000"},
@@ -432,6 +451,13 @@ PATHS = [
     ]
 ] + [
     _refused(
+        "dataset split with an unpaired surrogate",
+        "paths and remote code",
+        "dataset.split",
+        raw=raw_body('"dataset": {"source": "data/train.jsonl", "split": "\\ud800"}'),
+        mentions=("dataset.split", "surrogate"),
+    ),
+    _refused(
         "local data with no AMID_DATA_ROOTS",
         "paths and remote code",
         "dataset.source",
@@ -462,6 +488,7 @@ DATA = [
     for n, f, d, m in [
         ("dataset file missing", "dataset.source", "data/missing.jsonl", ("does not exist",)),
         ("dataset dangling symlink", "dataset.source", "data/dangling.jsonl", ("does not exist",)),
+        ("dataset symlink loop", "dataset.source", "data/loop.jsonl", ("loop",)),
         ("dataset file empty", "dataset.source", "data/empty.jsonl", ("empty",)),
         ("dataset first row malformed", "dataset.source", "data/broken.jsonl", ("not valid JSON",)),
         ("dataset row not an object", "dataset.source", "data/list.jsonl", ("not a JSON object",)),
@@ -754,6 +781,7 @@ def make_layout(base: Path) -> Layout:
     (layout.models / "escape").symlink_to(layout.outside, target_is_directory=True)
     (data / "leak.jsonl").symlink_to(layout.outside / "secret.jsonl")
     (data / "dangling.jsonl").symlink_to(data / "nowhere.jsonl")
+    (data / "loop.jsonl").symlink_to(data / "loop.jsonl")
     (data / "empty.jsonl").write_text("")
     (data / "broken.jsonl").write_text('{"prompt": "p", "response": \n')
     (data / "list.jsonl").write_text('["p", "r"]\n')
