@@ -56,7 +56,7 @@ def _content_length(scope: Scope) -> int | None:
 
 async def _send_413(send: Send, limit: int) -> None:
     body: dict[str, Any] = error_body(
-        "RequestTooLarge", f"body: request body exceeds {limit} bytes", "body"
+        "RequestTooLarge", f"request body exceeds {limit} bytes", "body"
     )
     payload = json.dumps(body).encode()
     await send(
