@@ -36,7 +36,10 @@ class ClientError(Exception):
         self.field = field
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.detail}" if self.field else self.detail
+        # The API's details already start with the field they name; say it once.
+        if not self.field or self.detail.startswith(self.field):
+            return self.detail
+        return f"{self.field}: {self.detail}"
 
 
 def make_http_client(url: str, api_key: str | None) -> httpx.Client:

@@ -96,6 +96,7 @@ def test_api_errors_print_the_field_and_exit_non_zero(
     code, out, err = _amid(capsys, "jobs", "--api-key", secret, "submit", str(bad))
     assert code == 1 and out == ""
     assert err.startswith("error: lambda: ") and "Traceback" not in err
+    assert "lambda: lambda" not in err  # the field is said once
 
     code, _, err = _amid(capsys, "jobs", "submit", str(bad))  # no key
     assert code == 1 and "API key" in err
