@@ -220,27 +220,36 @@ def _junit_counts(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
     return counts, failures
 
 
-def run_fuzz(work: Path) -> Fuzz:
-    report, junit = work / "fuzz.jsonl", work / "fuzz.xml"
+def _run_pytest(
+    selection: list[str], junit: Path, **env: str
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run part of the suite in a child process with a JUnit report; returns it and its seconds."""
     started = time.monotonic()
     result = subprocess.run(
         [
             sys.executable,
             "-m",
             "pytest",
-            "tests/integration/api/test_fuzz.py",
+            *selection,
             "-p",
             "no:cacheprovider",
             "-q",
             f"--junitxml={junit}",
         ],
         cwd=ROOT,
-        env=_clean_env(AMID_FUZZ_REPORT=str(report)),
+        env=_clean_env(**env),
         check=False,
         capture_output=True,
         text=True,
     )
-    seconds = time.monotonic() - started
+    return result, time.monotonic() - started
+
+
+def run_fuzz(work: Path) -> Fuzz:
+    report, junit = work / "fuzz.jsonl", work / "fuzz.xml"
+    result, seconds = _run_pytest(
+        ["tests/integration/api/test_fuzz.py"], junit, AMID_FUZZ_REPORT=str(report)
+    )
     counts, _ = _junit_counts(junit)
     lines = report.read_text().splitlines() if report.exists() else []
     return Fuzz(result.returncode, counts, [json.loads(line) for line in lines], seconds)
@@ -318,26 +327,9 @@ def read_fault_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 def run_faults(work: Path) -> Faults:
     report, junit = work / "faults.jsonl", work / "faults.xml"
-    started = time.monotonic()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-m",
-            "faults",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            f"--junitxml={junit}",
-        ],
-        cwd=ROOT,
-        env=_clean_env(AMID_FAULTS_REPORT=str(report), AMID_REQUIRE_SERVICES="1"),
-        check=False,
-        capture_output=True,
-        text=True,
+    result, seconds = _run_pytest(
+        ["-m", "faults"], junit, AMID_FAULTS_REPORT=str(report), AMID_REQUIRE_SERVICES="1"
     )
-    seconds = time.monotonic() - started
     counts, failures = _junit_counts(junit)
     records, malformed = read_fault_records(report)
     tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
