@@ -74,6 +74,9 @@ def celery_settings(config: ServiceConfig) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "worker_concurrency": 1,
         "worker_max_tasks_per_child": 1,
+        # A broker that goes away (Redis restarted) must not take a running job with it: the job
+        # needs only the DB, and its unackable message is harmless. Celery 6 flips this default.
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
         "worker_hijack_root_logger": False,
         # Liveness is the DB heartbeat; Celery's own chatter between workers adds nothing.
         "worker_enable_remote_control": False,

@@ -15,11 +15,14 @@ from celery import Celery
 
 from store import jobs
 from store.queue import RUN_JOB_TASK, get_celery_app
+from worker import broker
 from worker.db_retry import with_session
 
 logger = logging.getLogger(__name__)
 
 app: Celery = get_celery_app()
+# A worker that fails to ack while Redis is down must still consume afterwards (see worker.broker).
+broker.use_in(app)
 
 
 def worker_id() -> str:
