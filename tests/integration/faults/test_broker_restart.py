@@ -1,6 +1,7 @@
-"""Redis stopped and started again under a running job: the API says the broker is down (503 on
-/readyz) yet still takes a job (committed as queued); the restarted Redis has lost every message,
-so the reaper sends the queued job again; the worker reconnects and both jobs succeed."""
+"""Redis stopped under a running job and started again after it: the API says the broker is down
+(503 on /readyz) yet still takes a job (committed as queued, 201); the running job finishes; the
+restarted Redis has lost every message, so the reaper sends the queued job again, and the worker's
+consumer, which lost the broker, reconnects and runs it."""
 
 from __future__ import annotations
 
@@ -56,6 +57,13 @@ def test_redis_restart_under_a_running_job(
     assert response.json()["status"] == "queued"
     assert stack.row(second)["enqueued_at"] is None
 
+    # Redis stays down until the first job is over: the worker acknowledges its message into the
+    # void and goes back to a broker that is not there, so its consumer has to reconnect.
+    done = stack.wait_finished(first, JOB_TIMEOUT)
+    assert done["status"] == "succeeded", (done, stack.logs())
+    wait_for(
+        lambda: "Connection to broker lost" in worker.output(), 60, "the worker to lose the broker"
+    )
     private_redis.start()
     outage = time.monotonic() - stopped_at
     wait_for(lambda: readyz(stack.api_url).status_code == 200, 30, "/readyz to recover")  # type: ignore[arg-type]
@@ -73,7 +81,7 @@ def test_redis_restart_under_a_running_job(
         fault="Redis restart",
         action=(
             "stopped Redis (SIGTERM) under a running job, submitted a second job while it was "
-            "down, started Redis again on the same port"
+            "down, started Redis again on the same port once the first job had finished"
         ),
         held=(
             "/readyz said 503 broker unavailable, the submit answered 201 queued, the reaper "

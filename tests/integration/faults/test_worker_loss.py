@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
 JOB_TIMEOUT = 180.0
 # Long enough that worker A is still training when its first checkpoint is recorded.
-STEPS = 60
+STEPS = 80
 CHECKPOINT_INTERVAL = 5
 # The engine's promise is 1e-5 on CPU; the worker and this process may split matmuls differently.
 WEIGHT_TOLERANCE = 1e-4
