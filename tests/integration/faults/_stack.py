@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import shlex
 import shutil
 import signal
 import subprocess
@@ -129,9 +130,8 @@ class Stack:
 
     # -- processes -------------------------------------------------------------------------------
     def _start(self, name: str, argv: list[str]) -> Service:
-        service = Service(
-            name, start(argv, self.env, self.root / f"{name}.log"), self.root / f"{name}.log"
-        )
+        log = self.root / f"{name}.log"
+        service = Service(name, start(argv, self.env, log), log)
         self.services.append(service)
         return service
 
@@ -261,7 +261,7 @@ class PrivateRedis:
         wait_for(up, 20, f"redis-server on port {self.port}", interval=0.05)
 
     def stop(self) -> None:
-        """SIGTERM, as an orchestrator stops it; waits until the port is closed."""
+        """SIGTERM, as an orchestrator stops it, and wait for it to exit."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             self.process.wait(timeout=20)
@@ -340,10 +340,14 @@ class PrivatePostgres:
         return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
 
     def _run(self, *argv: str, timeout: float = 60) -> None:
-        prefix = ["runuser", "-u", "postgres", "--"] if self.as_root else []
-        done = subprocess.run(
-            [*prefix, *argv], capture_output=True, text=True, timeout=timeout, check=False
-        )
+        command = list(argv)
+        if self.as_root:
+            runuser = shutil.which("runuser")
+            if runuser:
+                command = [runuser, "-u", "postgres", "--", *argv]
+            else:
+                command = ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(argv)]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
         if done.returncode != 0:
             log = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
             raise ServerFailed(f"{argv[0]} failed ({done.returncode}): {done.stderr}\n{log}")
@@ -387,9 +391,16 @@ class PrivatePostgres:
         self.running = False
 
     def close(self) -> None:
+        pid_file = self.data / "postmaster.pid"
         try:
-            if self.running or (self.data / "postmaster.pid").exists():
+            if self.running or pid_file.exists():
                 self.stop("immediate")
+        except (ServerFailed, subprocess.TimeoutExpired):
+            # pg_ctl could not stop it: the postmaster's pid is the first line of its pid file.
+            if pid_file.exists():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGKILL)
+            raise
         finally:
             if self._owned_dir is not None:
                 shutil.rmtree(self._owned_dir, ignore_errors=True)

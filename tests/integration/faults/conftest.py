@@ -73,7 +73,9 @@ def fault_record(request: pytest.FixtureRequest) -> Iterator[FaultRecord]:
         assert not recorded, "fault_record is called once per test"
         assert jobs_lost == 0, f"{jobs_lost} of {jobs_submitted} jobs lost"
         assert isinstance(jobs_submitted, int) and jobs_submitted > 0
-        assert all(isinstance(v, int | float) for v in measured.values()), measured
+        assert all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in measured.values()
+        ), measured
         recorded.append(
             {
                 "fault": fault,

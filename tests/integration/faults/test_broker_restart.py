@@ -34,7 +34,7 @@ def test_redis_restart_under_a_running_job(
     client = stack.client
     assert stack.api_url is not None
 
-    first = client.submit(job_body(max_steps=100, checkpoint_interval=0)).json()["id"]
+    first = client.submit(job_body(max_steps=150, checkpoint_interval=0)).json()["id"]
     wait_for(
         lambda: client.job(first)["progress"]["step"] > 0, JOB_TIMEOUT, "the first job to train"
     )
