@@ -63,6 +63,9 @@ def celery_settings(config: ServiceConfig) -> dict[str, Any]:
         "broker_url": broker_url,
         "broker_transport_options": transport_options,
         "broker_connection_retry_on_startup": True,
+        # A worker outlives any Redis outage (Celery's default gives up after 100 tries and the
+        # worker exits); the API's sends have their own short retry policy in `enqueue`.
+        "broker_connection_max_retries": None,
         "task_default_queue": config.queue,
         "task_routes": {RUN_JOB_TASK: {"queue": config.queue}},
         "task_acks_late": True,

@@ -39,6 +39,8 @@ def test_long_job_settings() -> None:
     assert conf.task_ignore_result is True
     assert conf.task_default_queue == "amid-gpu"
     assert conf.broker_transport_options["visibility_timeout"] >= 24 * 3600
+    assert conf.broker_connection_max_retries is None  # a worker outlives a Redis outage
+    assert conf.worker_cancel_long_running_tasks_on_connection_loss is False
 
 
 def test_embedded_enqueue_writes_a_message_under_home(tmp_path: Path) -> None:
