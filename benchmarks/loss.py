@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -37,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from benchmarks.report import machine_description, write_section
 from core.losses import DIVERGENCE_FUNCTIONS, amid_loss
 from core.presets import DEFAULT_LOSS_CHUNK_SIZE
 
@@ -193,22 +193,6 @@ def _subprocess(case: Case, env: dict[str, str]) -> dict[str, float]:
     return result
 
 
-def machine_description(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    model = platform.processor() or "unknown CPU"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return (
-        f"{model}, {torch.get_num_threads()} torch threads "
-        f"({len(os.sched_getaffinity(0))} cores), torch {torch.__version__}"
-    )
-
-
 def benchmark(
     device: str,
     token_counts: list[int],
@@ -291,8 +275,6 @@ def write_markdown(
     loads: tuple[float, float],
 ) -> None:
     lines = [
-        "# Benchmarks",
-        "",
         "## The AMiD loss: chunked `amid_loss` against a dense implementation",
         "",
         f"Produced by `{command}` from the repository root.",
@@ -331,7 +313,7 @@ def write_markdown(
             "section by itself where one is present.",
             "",
         ]
-    path.write_text("\n".join(lines))
+    write_section(path, "loss", lines)
 
 
 if __name__ == "__main__":

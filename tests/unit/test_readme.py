@@ -53,3 +53,23 @@ def test_every_variable_the_compose_file_sets_is_documented() -> None:
     compose = (Path(__file__).resolve().parents[2] / "docker-compose.yml").read_text()
     documented = set(re.findall(r"`(AMID_[A-Z0-9_]+)`", _section("### Configuration")))
     assert set(re.findall(r"\b(AMID_[A-Z0-9_]+)\b", compose)) <= documented
+
+
+def test_presets_table_matches_the_presets() -> None:
+    from core.presets import PRESETS
+
+    rows = re.findall(
+        r"^\| `(\w+)` \| (-?[\d.]+) \| (-?[\d.]+) \| `(\w+)` \| (\w+) \| (.+?) \|$",
+        _section("### Presets"),
+        re.M,
+    )
+    table = {name: row for name, *row in rows}
+    assert set(table) == set(PRESETS)
+    for name, (alpha, lam, divergence, anchor, description) in table.items():
+        preset = PRESETS[name]
+        assert (float(alpha), float(lam)) == (preset.alpha, preset.lam), name
+        assert (divergence, anchor, description) == (
+            preset.divergence,
+            preset.anchor,
+            preset.description,
+        ), name

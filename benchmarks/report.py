@@ -1,0 +1,42 @@
+"""What the benchmark scripts share: the machine they name, and BENCHMARKS.md, where each rewrites
+only its own section."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+TITLE = "# Benchmarks"
+
+
+def write_section(path: Path, name: str, lines: list[str]) -> None:
+    """Put `lines` between this section's markers in `path`, leaving the other sections as they are."""
+    begin, end = f"<!-- begin {name} -->", f"<!-- end {name} -->"
+    block = "\n".join([begin, *lines, end])
+    text = path.read_text() if path.exists() else f"{TITLE}\n"
+    pattern = re.compile(rf"{re.escape(begin)}.*?{re.escape(end)}", re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = f"{text.rstrip()}\n\n{block}\n"
+    path.write_text(text)
+
+
+def machine_description(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    model = platform.processor() or "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return (
+        f"{model}, {torch.get_num_threads()} torch threads "
+        f"({len(os.sched_getaffinity(0))} cores), torch {torch.__version__}"
+    )
