@@ -159,7 +159,13 @@ def list_metrics(
     caller: CallerDep,
     job_id: JobId,
     name: Annotated[
-        str | None, Query(max_length=128, description="One series, e.g. train/loss.")
+        str | None,
+        # No control characters: a metric name never has one, and Postgres refuses NUL outright.
+        Query(
+            max_length=128,
+            pattern=r"^[^\x00-\x1f\x7f]*$",
+            description="One series, e.g. train/loss.",
+        ),
     ] = None,
     after_step: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,

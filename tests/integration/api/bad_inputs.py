@@ -731,6 +731,20 @@ LISTING = [
             "/v1/jobs/${own_job}/metrics",
             {"name": "x" * 200},
         ),
+        (
+            "metrics name with a NUL byte",
+            "name",
+            "ValidationError",
+            "/v1/jobs/${own_job}/metrics",
+            {"name": "\x00"},
+        ),
+        (
+            "list cursor with a NUL byte",
+            "after",
+            "InvalidCursor",
+            "/v1/jobs",
+            {"after": "\x00"},
+        ),
     ]
 ]
 
