@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -84,6 +85,13 @@ class Service:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def task_outcomes(self) -> list[str]:
+        """What each run_job task of this worker returned, in order ('succeeded', 'not_claimed',
+        ...), read from Celery's log line for a finished task."""
+        return re.findall(
+            r"Task amid\.run_job\[[^\]]+\] succeeded in [\d.]+s: '(\w+)'", self.output()
+        )
 
     def kill(self) -> None:
         """SIGKILL the whole process group (the worker's main process and its training child)."""

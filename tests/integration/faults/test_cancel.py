@@ -4,7 +4,6 @@ a finished job (succeeded, failed, cancelled) refuses with 409 and a JSON error 
 
 from __future__ import annotations
 
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -13,20 +12,13 @@ from pathlib import Path
 import pytest
 
 from tests.integration.e2e._service import DEMO, job_body, wait_for
-from tests.integration.faults._stack import PrivateRedis, Service, Stack, pid_alive
+from tests.integration.faults._stack import PrivateRedis, Stack, pid_alive
 from tests.integration.faults.conftest import FaultRecord
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
 JOB_TIMEOUT = 180.0
 CANCEL_TO_IDLE_LIMIT = 10.0
-
-
-def _outcomes(worker: Service) -> list[str]:
-    """What each run_job task of this worker returned, in order."""
-    return re.findall(
-        r"Task amid\.run_job\[[^\]]+\] succeeded in [\d.]+s: '(\w+)'", worker.output()
-    )
 
 
 def test_cancel_queued_running_and_finished_jobs(
@@ -53,7 +45,7 @@ def test_cancel_queued_running_and_finished_jobs(
     assert response.json()["status"] == "cancelled"
     worker = stack.start_worker()
     stack.wait_worker(worker)
-    wait_for(lambda: _outcomes(worker) == ["not_claimed"], 60, "the cancelled job's message")
+    wait_for(lambda: worker.task_outcomes() == ["not_claimed"], 60, "the cancelled job's message")
     row = stack.row(queued)
     assert (row["status"], row["attempt"], row["started_at"]) == ("cancelled", 0, None)
     assert [e["type"] for e in stack.events(queued)] == ["queued", "cancelled"]
@@ -92,7 +84,7 @@ def test_cancel_queued_running_and_finished_jobs(
     succeeded = stack.wait_finished(succeeding, JOB_TIMEOUT)
     assert succeeded["status"] == "succeeded", (succeeded, stack.logs())
     assert worker.alive()
-    assert _outcomes(worker) == ["not_claimed", "cancelled", "failed", "succeeded"]
+    assert worker.task_outcomes() == ["not_claimed", "cancelled", "failed", "succeeded"]
 
     # -- finished: 409 with the one error shape -------------------------------------------------
     for job_id, status in (

@@ -3,7 +3,6 @@ the other take nothing, so the job runs exactly once."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -12,19 +11,12 @@ import pytest
 from store.config import ServiceConfig
 from store.queue import RUN_JOB_TASK, build_celery_app
 from tests.integration.e2e._service import job_body, wait_for
-from tests.integration.faults._stack import PrivateRedis, Service, Stack
+from tests.integration.faults._stack import PrivateRedis, Stack
 from tests.integration.faults.conftest import FaultRecord
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
 
 JOB_TIMEOUT = 180.0
-
-
-def _outcomes(worker: Service) -> list[str]:
-    """What each run_job task this worker finished returned ('succeeded', 'not_claimed', ...)."""
-    return re.findall(
-        r"Task amid\.run_job\[[^\]]+\] succeeded in [\d.]+s: '(\w+)'", worker.output()
-    )
 
 
 def test_a_message_delivered_twice_runs_the_job_once(
@@ -56,12 +48,14 @@ def test_a_message_delivered_twice_runs_the_job_once(
     assert job["status"] == "succeeded", (job, stack.logs())
     # Both deliveries are consumed, one by each worker: one ran the job, one claimed nothing.
     wait_for(
-        lambda: sorted(o for w in workers for o in _outcomes(w)) == ["not_claimed", "succeeded"],
+        lambda: (
+            sorted(o for w in workers for o in w.task_outcomes()) == ["not_claimed", "succeeded"]
+        ),
         60,
         f"both deliveries to be handled\n{stack.logs()}",
     )
-    assert sorted(tuple(_outcomes(w)) for w in workers) == [("not_claimed",), ("succeeded",)]
-    loser = next(w for w in workers if _outcomes(w) == ["not_claimed"])
+    assert sorted(tuple(w.task_outcomes()) for w in workers) == [("not_claimed",), ("succeeded",)]
+    loser = next(w for w in workers if w.task_outcomes() == ["not_claimed"])
     assert f"job {job_id}: nothing to claim" in loser.output()
 
     assert job["attempt"] == 1
