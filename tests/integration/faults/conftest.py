@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from store.db import upgrade
 from tests.conftest import _require
-from tests.integration.faults._stack import PrivatePostgres, PrivateRedis, ServerFailed, Stack
+from tests.integration.faults._stack import PrivatePostgres, ServerFailed, Stack
 
 REPORT_ENV = "AMID_FAULTS_REPORT"
 RECORD_KEYS = ("fault", "action", "held", "jobs_submitted", "jobs_lost", "measured")
@@ -118,21 +118,6 @@ def own_database(postgres_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
-    """A running redis-server of this test's own (a kill -9 leaves unacknowledged messages in
-    Redis; they stay in this throw-away server, not in the shared one)."""
-    try:
-        server = PrivateRedis(tmp_path / "redis")
-        server.start()
-    except ServerFailed as exc:
-        _require("a private redis-server", exc)
-    try:
-        yield server
-    finally:
-        server.close()
 
 
 @pytest.fixture
