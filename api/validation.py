@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 # core.data is torch-free at import (torch only under TYPE_CHECKING): the same suffixes and
 # row formats the worker reads with.
-from core.data import FILE_SUFFIXES, FORMATS, detect_format
+from core.data import FILE_SUFFIXES, MissingColumn, parse_row
 from core.errors import AmidError
 from core.settings import DistillSettings
 from store.config import ServiceConfig
@@ -287,27 +287,17 @@ def _check_first_row(path: Path, head: bytes, whole: bool, settings: DistillSett
 
 
 def _check_row_format(path: Path, row: dict[str, object], settings: DistillSettings) -> None:
-    dataset = settings.dataset
-    renamed = dict(row)
-    for target, column in dataset.fields.items():
-        if column not in renamed:
-            raise SettingRefused(
-                f"column {column!r} (for {target!r}) is not in the first row of {path.name}",
-                field="dataset.fields",
-            )
-        renamed[target] = renamed.pop(column)
-    name: str = dataset.format
-    if name == "auto":
-        try:
-            name = detect_format(renamed)
-        except AmidError as exc:
-            raise SettingRefused(
-                f"first row of {path.name}: {exc.message}", field="dataset.format"
-            ) from exc
+    # The worker's own reading of a row (renames, format detection, required fields).
     try:
-        FORMATS[name][0](renamed, None)
+        parse_row(row, settings.dataset, settings.dataset.format, None)
+    except MissingColumn as exc:
+        raise SettingRefused(f"first row of {path.name}: {exc}", field="dataset.fields") from exc
+    except AmidError as exc:  # no format fits the row's keys
+        raise SettingRefused(
+            f"first row of {path.name}: {exc.message}", field="dataset.format"
+        ) from exc
     except ValueError as exc:
         raise SettingRefused(
-            f"the first row of {path.name} does not fit format {name!r}: {exc}",
+            f"the first row of {path.name} does not fit its format: {exc}",
             field="dataset.format",
         ) from exc

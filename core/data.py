@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -107,8 +107,8 @@ def _files(source: Path) -> list[Path]:
     return [source]
 
 
-def _jsonl_rows(path: Path, text: str) -> Iterator[Row]:
-    for number, line in enumerate(text.splitlines(), start=1):
+def _jsonl_rows(path: Path, lines: Iterable[str]) -> Iterator[Row]:
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         location = f"{path.name} line {number}"
@@ -123,7 +123,7 @@ def _json_rows(path: Path, text: str) -> Iterator[Row]:
         data = json.loads(text)
     except json.JSONDecodeError:
         # Many ".json" datasets are JSON lines; read them as such, with line numbers.
-        yield from _jsonl_rows(path, text)
+        yield from _jsonl_rows(path, text.splitlines())
         return
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
@@ -153,10 +153,15 @@ def _local_rows(source: Path) -> Iterator[Row]:
             yield from _parquet_rows(path)
             continue
         try:
-            text = path.read_text(encoding="utf-8")
+            with path.open(encoding="utf-8") as handle:
+                # JSON lines are read as they are consumed, so a check of the first rows reads
+                # only those; a JSON document has to be read whole.
+                if path.suffix == ".jsonl":
+                    yield from _jsonl_rows(path, handle)
+                else:
+                    yield from _json_rows(path, handle.read())
         except (OSError, UnicodeDecodeError) as exc:
             raise DatasetUnreadable(f"{path}: cannot be read ({exc})", field="dataset") from exc
-        yield from (_jsonl_rows if path.suffix == ".jsonl" else _json_rows)(path, text)
 
 
 def _hub_rows(source: str, split: str, streaming: bool) -> Iterator[Row]:
@@ -281,15 +286,37 @@ def detect_format(row: dict[str, Any]) -> str:
     )
 
 
+class MissingColumn(ValueError):
+    """A column that `dataset.fields` renames is not in the row."""
+
+
 def _renamed(row: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
     if not fields:
         return row
     row = dict(row)
     for target, column in fields.items():
         if column not in row:
-            raise ValueError(f"column {column!r} (dataset.fields[{target!r}]) is missing")
+            raise MissingColumn(f"column {column!r} (dataset.fields[{target!r}]) is missing")
         row[target] = row.pop(column)
     return row
+
+
+def parse_row(
+    row: dict[str, Any],
+    settings: DatasetSettings,
+    name: str,
+    tokenizer: PreTrainedTokenizerBase | None,
+) -> tuple[Example, str]:
+    """One raw row as an example, and the format it was read as (`auto` is detected from the
+    row's keys). Raises `MissingColumn` or `ValueError` for a row that does not fit, and
+    `DatasetUnreadable` when no format fits."""
+    row = _renamed(row, settings.fields)
+    if name == "auto":
+        name = detect_format(row)
+    try:
+        return FORMATS[name][0](row, tokenizer), name
+    except ValueError as exc:
+        raise ValueError(f"{exc} (format {name})") from exc
 
 
 # -- tokenizing ----------------------------------------------------------------------------------
@@ -339,12 +366,10 @@ def load_examples(
             if not isinstance(raw, dict):
                 raise MalformedRow(location, f"expected an object, got {type(raw).__name__}")
             try:
-                row = _renamed(raw, settings.fields)
-                if name == "auto":
-                    name = detect_format(row)
-                examples.append(FORMATS[name][0](row, tokenizer))
+                example, name = parse_row(raw, settings, name, tokenizer)
+                examples.append(example)
             except ValueError as exc:
-                raise MalformedRow(location, f"{exc} (format {name})") from exc
+                raise MalformedRow(location, str(exc)) from exc
         except MalformedRow as error:
             if not settings.skip_malformed:
                 raise
@@ -391,14 +416,11 @@ def check_dataset(settings: DatasetSettings, sample_rows: int = 32) -> str:
                 continue
             raise raw if isinstance(raw, MalformedRow) else MalformedRow(location, "not an object")
         try:
-            row = _renamed(raw, settings.fields)
-            if name == "auto":
-                name = detect_format(row)
-            FORMATS[name][0](row, None)
+            _, name = parse_row(raw, settings, name, None)
         except ValueError as exc:
             if settings.skip_malformed:
                 continue
-            raise MalformedRow(location, f"{exc} (format {name})") from exc
+            raise MalformedRow(location, str(exc)) from exc
         seen += 1
         if seen >= sample_rows:
             break

@@ -84,6 +84,7 @@ def run_job(job_id: str, worker_id: str) -> str:
 
 def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> str:
     # Heavy imports here: the worker's parent process never loads torch or touches CUDA.
+    from core.data import check_dataset
     from core.models import check_tokenizers
     from core.train import distill
 
@@ -99,8 +100,11 @@ def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> s
             "student": _resolve_source(settings.student, "student", artifacts, cache),
         }
     )
-    # Cheap before expensive: two tokenizers, not two models, decide a mismatched pair.
+    # Cheap before expensive: two tokenizers, not two models, decide a mismatched pair; the
+    # dataset's first rows decide whether it can be read at all (a hub dataset, or a bad row
+    # the submission's one-row check could not see), all before the models take the GPU.
     check_tokenizers(settings.teacher, settings.student, settings.trust_remote_code)
+    check_dataset(settings.dataset)
 
     resume_from: Path | None = None
     if attempt > 1:

@@ -3,6 +3,7 @@ are about is the claim, the reporting and the outcome, not training)."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -16,7 +17,7 @@ from store import jobs
 from store.artifacts import get_artifact_store
 from store.config import get_config
 from store.db import reset_engine, session_scope, upgrade
-from tests.integration.e2e._service import job_body
+from tests.integration.e2e._service import DEMO, job_body
 
 pytestmark = pytest.mark.integration
 
@@ -107,25 +108,39 @@ def test_job_succeeds_with_checkpoints_metrics_and_final(
 def test_tokenizer_mismatch_fails_fast(
     db: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    from transformers import AutoTokenizer
+
     called = []
     monkeypatch.setattr("core.train.distill", lambda *a, **k: called.append(1))
-    # The teacher's tokenizer differs from the student's: the student must be refused before loading.
-    job_id = _new_job(student=str(Path(__file__).resolve().parents[3] / "core/demo/assets/teacher"))
-    monkeypatch.setattr(
-        "core.models.check_tokenizers",
-        _raise_mismatch,
-    )
+    # A student whose tokenizer has one token more than the teacher's: refused before loading.
+    student = tmp_path / "student"
+    shutil.copytree(DEMO / "assets" / "student", student)
+    tokenizer = AutoTokenizer.from_pretrained(student)
+    tokenizer.add_tokens(["<|tool|>"])
+    tokenizer.save_pretrained(student)
+    job_id = _new_job(student=str(student))
     assert _run_task(job_id) == "failed"
     status, code, message, _ = _job(job_id)
     assert (status, code) == ("failed", "TokenizerMismatch")
-    assert message and "differ" in message
+    assert message and "student 1025" in message
     assert not called
 
 
-def _raise_mismatch(*args: Any, **kwargs: Any) -> None:
-    from core.models import TokenizerMismatch
-
-    raise TokenizerMismatch("teacher and student tokenizers differ: vocab 512 vs 300")
+def test_unreadable_dataset_fails_fast(
+    db: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    called = []
+    monkeypatch.setattr("core.train.distill", lambda *a, **k: called.append(1))
+    # Good first rows, a bad third: past the API's one-row check, caught before the models load.
+    rows = tmp_path / "rows.jsonl"
+    good = '{"instruction": "Say hi.", "response": "Hi."}'
+    rows.write_text(f'{good}\n{good}\n{{"instruction": "Say hi."}}\n')
+    job_id = _new_job(dataset={"source": str(rows), "format": "dolly"})
+    assert _run_task(job_id) == "failed"
+    status, code, message, _ = _job(job_id)
+    assert (status, code) == ("failed", "MalformedRow")
+    assert message and "line 3" in message and "response" in message
+    assert not called
 
 
 def test_unexpected_error_fails_the_job_with_internal_error(

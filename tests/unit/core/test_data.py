@@ -254,6 +254,17 @@ def test_check_dataset_refuses_missing_and_unsupported_files(tmp_path: Path) -> 
     assert check_dataset(DatasetSettings(source=str(DATA_FILE))) == "dolly"
 
 
+def test_check_dataset_reads_only_the_rows_it_checks(tmp_path: Path) -> None:
+    # Bytes that are not UTF-8 far past the sampled rows (beyond any read buffer): a check that
+    # read the whole file would fail on them.
+    rows = tmp_path / "rows.jsonl"
+    good = b'{"instruction": "Say hi.", "response": "Hi."}\n'
+    rows.write_bytes(good * 2000 + b"\xff\xfe not text\n")
+    assert check_dataset(DatasetSettings(source=str(rows)), sample_rows=3) == "dolly"
+    with pytest.raises(DatasetUnreadable, match="cannot be read"):
+        check_dataset(DatasetSettings(source=str(rows)), sample_rows=5000)
+
+
 def test_split_is_deterministic_by_seed_and_disjoint(
     demo_tokenizer: PreTrainedTokenizerBase,
 ) -> None:
