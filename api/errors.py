@@ -115,8 +115,7 @@ async def _validation_error(_: Request, raised: Exception) -> JSONResponse:
     errors = [_describe(err) for err in exc.errors()]
     first = errors[0] if errors else {"field": None, "message": "invalid request"}
     field, message = first["field"], str(first["message"])
-    detail = f"{field}: {message}" if field and not message.startswith(f"{field}:") else message
-    body = error_body("ValidationError", str(detail), first["field"], errors=errors)
+    body = error_body("ValidationError", naming_the_field(message, field), field, errors=errors)
     return JSONResponse(body, status_code=422)
 
 
@@ -143,10 +142,11 @@ def _malformed_body(cause: BaseException) -> JSONResponse:
         reason = "nested too deeply"
     else:
         reason = type(cause).__name__
-    detail = f"body: malformed JSON: {reason}"
-    error = {"field": "body", "message": f"malformed JSON: {reason}", "type": "json_invalid"}
+    message = f"malformed JSON: {reason}"
+    error = {"field": "body", "message": message, "type": "json_invalid"}
     return JSONResponse(
-        error_body("ValidationError", detail, "body", errors=[error]), status_code=422
+        error_body("ValidationError", naming_the_field(message, "body"), "body", errors=[error]),
+        status_code=422,
     )
 
 

@@ -28,18 +28,8 @@ def pause(seconds: float) -> None:
 
 
 class ClientError(Exception):
-    """A failure to show the user as one line: `error: [field: ]detail`."""
-
-    def __init__(self, detail: str, field: str | None = None):
-        super().__init__(detail)
-        self.detail = detail
-        self.field = field
-
-    def __str__(self) -> str:
-        # The API's details already start with the field they name; say it once.
-        if not self.field or self.detail.startswith(self.field):
-            return self.detail
-        return f"{self.field}: {self.detail}"
+    """A failure to show the user as one line: `error: message`. The API's error details start
+    with the field they are about, so a refused setting reads `error: lambda: ...`."""
 
 
 def make_http_client(url: str, api_key: str | None) -> httpx.Client:
@@ -81,9 +71,7 @@ def _raise_for_error(response: httpx.Response) -> None:
     except ValueError:
         raise ClientError(f"HTTP {response.status_code}: {response.text[:200]}") from None
     if isinstance(body, dict) and "detail" in body:
-        raise ClientError(
-            f"{body['detail']} ({body.get('error', response.status_code)})", body.get("field")
-        )
+        raise ClientError(f"{body['detail']} ({body.get('error', response.status_code)})")
     raise ClientError(f"HTTP {response.status_code}: {body}")
 
 
