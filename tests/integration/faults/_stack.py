@@ -156,6 +156,18 @@ class Stack:
     def start_worker(self, name: str = "worker") -> Service:
         return self._start(name, ["cli.main", "worker", "--loglevel=INFO"])
 
+    def up(self, *workers: str, reaper: bool = True) -> list[Service]:
+        """The API, the reaper (unless told not to) and the named workers, all started in
+        parallel and waited for; returns the workers in the order named."""
+        self.start_api()
+        if reaper:
+            self.start_reaper()
+        started = [self.start_worker(name) for name in workers]
+        self.wait_api()
+        for worker in started:
+            self.wait_worker(worker)
+        return started
+
     def wait_api(self, timeout: float = START_TIMEOUT) -> None:
         assert self.api_url is not None, "start_api() first"
         wait_ready(self.api_url, [s.process for s in self.services], timeout)

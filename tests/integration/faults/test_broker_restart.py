@@ -26,11 +26,7 @@ def test_redis_restart_under_a_running_job(
     fault_record: FaultRecord,
 ) -> None:
     stack = make_stack(own_database, private_redis.url)
-    stack.start_api()
-    stack.start_reaper()
-    worker = stack.start_worker()
-    stack.wait_api()
-    stack.wait_worker(worker)
+    (worker,) = stack.up("worker")
     client = stack.client
     assert stack.api_url is not None
 

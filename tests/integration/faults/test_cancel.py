@@ -33,8 +33,7 @@ def test_cancel_queued_running_and_finished_jobs(
     vanishing_teacher = models / "teacher"
     shutil.copytree(DEMO / "assets" / "teacher", vanishing_teacher)
     stack = make_stack(own_database, private_redis.url, AMID_MODEL_ROOTS=f"{DEMO}:{models}")
-    stack.start_api()
-    stack.wait_api()
+    stack.up(reaper=False)  # no worker yet: the first job stays queued
     client = stack.client
     http = client.http
 

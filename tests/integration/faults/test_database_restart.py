@@ -36,11 +36,7 @@ def test_postgres_restart_under_a_running_job(
         private_redis.url,
         AMID_STALE_AFTER_SECONDS=str(STALE_AFTER_SECONDS),
     )
-    stack.start_api()
-    stack.start_reaper()
-    worker = stack.start_worker()
-    stack.wait_api()
-    stack.wait_worker(worker)
+    (worker,) = stack.up("worker")
     client = stack.client
     api_url = stack.api_url
     assert api_url is not None

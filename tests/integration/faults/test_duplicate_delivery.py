@@ -26,11 +26,7 @@ def test_a_message_delivered_twice_runs_the_job_once(
     fault_record: FaultRecord,
 ) -> None:
     stack = make_stack(own_database, private_redis.url)
-    stack.start_api()
-    workers = [stack.start_worker("worker-a"), stack.start_worker("worker-b")]
-    stack.wait_api()
-    for worker in workers:
-        stack.wait_worker(worker)
+    workers = stack.up("worker-a", "worker-b", reaper=False)
 
     # The API sends the message once; a second copy follows at once, so both workers' claims race.
     job_id = stack.client.submit(job_body(max_steps=4, checkpoint_interval=0)).json()["id"]

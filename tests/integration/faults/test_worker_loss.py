@@ -48,11 +48,7 @@ def test_worker_sigkill_mid_job_resumes_on_another_worker_with_the_same_student(
     tmp_path: Path,
 ) -> None:
     stack = make_stack(own_database, private_redis.url)
-    stack.start_api()
-    stack.start_reaper()
-    worker_a = stack.start_worker("worker-a")
-    stack.wait_api()
-    stack.wait_worker(worker_a)
+    (worker_a,) = stack.up("worker-a")
     client = stack.client
 
     job_id = client.submit(
@@ -134,11 +130,7 @@ def test_a_job_whose_worker_dies_on_every_attempt_fails_with_worker_lost(
     fault_record: FaultRecord,
 ) -> None:
     stack = make_stack(own_database, private_redis.url, AMID_MAX_ATTEMPTS="2")
-    stack.start_api()
-    stack.start_reaper()
-    worker = stack.start_worker()
-    stack.wait_api()
-    stack.wait_worker(worker)
+    (worker,) = stack.up("worker")
 
     job_id = stack.client.submit(job_body(max_steps=100_000, checkpoint_interval=0)).json()["id"]
     for attempt in (1, 2):
