@@ -48,15 +48,6 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 COMMAND = ".venv/bin/python scripts/reliability.py"
-FAULT_KEYS = {
-    "fault": str,
-    "action": str,
-    "held": str,
-    "jobs_submitted": int,
-    "jobs_lost": int,
-    "measured": dict,
-}
-
 
 # -- the environment -----------------------------------------------------------------------------
 
@@ -285,28 +276,14 @@ class Faults:
 
 def _check_record(line: str) -> dict[str, Any] | str:
     """The record, or why it breaks the contract."""
+    from tests.integration.faults.records import record_problem
+
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         return f"not JSON ({exc.msg}): {line[:80]}"
-    if not isinstance(record, dict) or set(record) != set(FAULT_KEYS):
-        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-        return f"keys {keys}, expected {sorted(FAULT_KEYS)}"
-    for key, kind in FAULT_KEYS.items():
-        value = record[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            return f"{key} is {type(value).__name__}, expected {kind.__name__}"
-    measured = record["measured"]
-    bad = [
-        name
-        for name, value in measured.items()
-        if not isinstance(name, str)
-        or isinstance(value, bool)
-        or not isinstance(value, int | float)
-    ]
-    if bad:
-        return f"measured values that are not numbers: {bad}"
-    return record
+    problem = record_problem(record)
+    return problem if problem is not None else record
 
 
 def read_fault_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -326,9 +303,11 @@ def read_fault_records(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
 
 
 def run_faults(work: Path) -> Faults:
+    from tests.integration.faults.records import REPORT_ENV
+
     report, junit = work / "faults.jsonl", work / "faults.xml"
     result, seconds = _run_pytest(
-        ["-m", "faults"], junit, AMID_FAULTS_REPORT=str(report), AMID_REQUIRE_SERVICES="1"
+        ["-m", "faults"], junit, **{REPORT_ENV: str(report)}, AMID_REQUIRE_SERVICES="1"
     )
     counts, failures = _junit_counts(junit)
     records, malformed = read_fault_records(report)

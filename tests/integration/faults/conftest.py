@@ -20,9 +20,7 @@ import sqlalchemy as sa
 from store.db import upgrade
 from tests.conftest import _require
 from tests.integration.faults._stack import PrivatePostgres, ServerFailed, Stack
-
-REPORT_ENV = "AMID_FAULTS_REPORT"
-RECORD_KEYS = ("fault", "action", "held", "jobs_submitted", "jobs_lost", "measured")
+from tests.integration.faults.records import REPORT_ENV, record_problem
 
 _CALL_PASSED = pytest.StashKey[bool]()
 
@@ -72,20 +70,18 @@ def fault_record(request: pytest.FixtureRequest) -> Iterator[FaultRecord]:
     ) -> None:
         assert not recorded, "fault_record is called once per test"
         assert jobs_lost == 0, f"{jobs_lost} of {jobs_submitted} jobs lost"
-        assert isinstance(jobs_submitted, int) and jobs_submitted > 0
-        assert all(
-            isinstance(v, int | float) and not isinstance(v, bool) for v in measured.values()
-        ), measured
-        recorded.append(
-            {
-                "fault": fault,
-                "action": action,
-                "held": held,
-                "jobs_submitted": jobs_submitted,
-                "jobs_lost": jobs_lost,
-                "measured": dict(measured),
-            }
-        )
+        assert jobs_submitted > 0
+        entry = {
+            "fault": fault,
+            "action": action,
+            "held": held,
+            "jobs_submitted": jobs_submitted,
+            "jobs_lost": jobs_lost,
+            "measured": dict(measured),
+        }
+        problem = record_problem(entry)
+        assert problem is None, problem
+        recorded.append(entry)
 
     yield record
 
@@ -94,7 +90,7 @@ def fault_record(request: pytest.FixtureRequest) -> Iterator[FaultRecord]:
     assert len(recorded) == 1, "a fault test must call fault_record exactly once"
     target = os.environ.get(REPORT_ENV)
     if target:
-        line = json.dumps({key: recorded[0][key] for key in RECORD_KEYS})
+        line = json.dumps(recorded[0])
         with Path(target).open("a", encoding="utf-8") as handle:
             handle.write(line + "\n")
 
