@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -26,6 +27,7 @@ JOB_FILE = ROOT / "examples" / "demo-job.yaml"
 DEMO_KIT = ROOT / "core" / "demo"
 READY_TIMEOUT_SECONDS = 120.0
 JOB_TIMEOUT_SECONDS = 480.0
+EVAL_METRICS = ("eval/loss", "eval/rouge_l")
 
 
 def free_port() -> int:
@@ -65,16 +67,16 @@ def wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
 
 
 def eval_series(url: str, job_id: str, key: str) -> dict[str, list[tuple[int, float]]]:
-    """The job's evaluation metrics over its steps, read from the REST API."""
-    request = urllib.request.Request(
-        f"{url}/v1/jobs/{job_id}/metrics", headers={"Authorization": f"Bearer {key}"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        points = json.load(response)["items"]
+    """The job's evaluation metrics over its steps, read from the REST API one series at a time."""
     series: dict[str, list[tuple[int, float]]] = {}
-    for point in points:
-        if point["name"].startswith("eval/") and point["value"] is not None:
-            series.setdefault(point["name"], []).append((point["step"], point["value"]))
+    for name in EVAL_METRICS:
+        query = urllib.parse.urlencode({"name": name})
+        request = urllib.request.Request(
+            f"{url}/v1/jobs/{job_id}/metrics?{query}", headers={"Authorization": f"Bearer {key}"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            points = json.load(response)["items"]
+        series[name] = [(p["step"], p["value"]) for p in points if p["value"] is not None]
     return series
 
 
