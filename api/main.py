@@ -10,6 +10,7 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
+from api.overload import ConcurrencyLimit, sized_thread_pool
 from api.routes import health, jobs
 
 DESCRIPTION = """
@@ -29,9 +30,12 @@ def create_app() -> FastAPI:
         description=DESCRIPTION,
         # Body parsing errors, 404s and 405s use the same error shape as everything else.
         separate_input_output_schemas=False,
+        lifespan=sized_thread_pool,
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit)
+    # Added last, so it runs first: a request over the limit is refused before anything else.
+    app.add_middleware(ConcurrencyLimit)
     app.include_router(health.router)
     app.include_router(jobs.router)
     return app

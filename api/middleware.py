@@ -28,7 +28,8 @@ class BodySizeLimit:
         limit = get_config().max_body_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
-            await _send_413(send, limit)
+            body = error_body("RequestTooLarge", f"request body exceeds {limit} bytes", "body")
+            await send_error(send, 413, body, [(b"connection", b"close")])
             return
         received = 0
 
@@ -54,19 +55,19 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body: dict[str, Any] = error_body(
-        "RequestTooLarge", f"request body exceeds {limit} bytes", "body"
-    )
+async def send_error(
+    send: Send, status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]
+) -> None:
+    """Answer with the JSON error `body` straight from a middleware, before the app runs."""
     payload = json.dumps(body).encode()
     await send(
         {
             "type": "http.response.start",
-            "status": 413,
+            "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(payload)).encode()),
-                (b"connection", b"close"),
+                *headers,
             ],
         }
     )

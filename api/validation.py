@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 # core.data is torch-free at import (torch only under TYPE_CHECKING): the same suffixes and
 # row formats the worker reads with.
 from core.data import FILE_SUFFIXES, MissingColumn, parse_row
+from core.datafiles import DataFileRefused, dataset_files, open_data_file
 from core.errors import AmidError
 from core.settings import DistillSettings
 from store.config import ServiceConfig
@@ -91,7 +92,7 @@ def validate_job_settings(
         dataset["source"], "dataset.source", config.data_roots, config, base
     )
     if Path(dataset["source"]).is_absolute():  # a checked local path; a hub id never is
-        _check_dataset_head(Path(dataset["source"]), settings)
+        _check_dataset_head(Path(dataset["source"]), settings, config.data_roots)
     return public
 
 
@@ -214,36 +215,27 @@ def _under_roots(path: Path, roots: list[Path], field: str) -> Path:
     return resolved
 
 
-def _check_dataset_head(source: Path, settings: DistillSettings) -> None:
+def _check_dataset_head(source: Path, settings: DistillSettings, roots: list[Path]) -> None:
     """Refuse a local dataset the worker could not read, judged from its first row only.
 
-    Cheap on purpose (at most DATA_HEAD_BYTES of one file): a file that is missing its rows, is
-    not the type its name says, or whose first row fits no format fails here, at submission,
-    rather than on a GPU after the models have loaded.
+    Every file of a directory must pass the reading rules of `core.datafiles` (a regular file
+    inside the data roots); beyond that the check is cheap on purpose (at most DATA_HEAD_BYTES
+    of one file): a file that is missing its rows, is not the type its name says, or whose first
+    row fits no format fails here, at submission, rather than on a GPU after the models have
+    loaded.
     """
     field = "dataset.source"
-    path = source
-    if path.is_dir():
-        try:
-            files = sorted(p for p in path.iterdir() if p.suffix in FILE_SUFFIXES and p.is_file())
-        except OSError as exc:
-            raise SettingRefused(f"{path} cannot be listed ({exc.strerror})", field=field) from exc
-        if not files:
-            raise SettingRefused(
-                f"no {'/'.join(FILE_SUFFIXES)} files in the directory {path}",
-                field=field,
-            )
-        path = files[0]
-    elif not path.is_file():
-        # A FIFO or a device would block or never end: never open one.
-        raise SettingRefused(f"{path} is not a regular file or directory", field=field)
+    try:
+        path = dataset_files(source, roots)[0]
+    except DataFileRefused as exc:
+        raise SettingRefused(exc.message, field=field) from exc
     if path.suffix not in FILE_SUFFIXES:
         raise SettingRefused(
             f"unsupported file type {path.suffix!r}; expected one of {', '.join(FILE_SUFFIXES)}",
             field=field,
         )
     try:
-        with path.open("rb") as handle:
+        with open_data_file(path) as handle:
             head = handle.read(DATA_HEAD_BYTES)
             size = handle.seek(0, 2)
             tail = b""

@@ -26,16 +26,20 @@ def write_section(path: Path, name: str, lines: list[str]) -> None:
     path.write_text(text)
 
 
-def machine_description(device: str) -> str:
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+def cpu_model() -> str:
     model = platform.processor() or "unknown CPU"
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
+    return model
+
+
+def machine_description(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    model = cpu_model()
     return (
         f"{model}, {torch.get_num_threads()} torch threads "
         f"({len(os.sched_getaffinity(0))} cores), torch {torch.__version__}"

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.datafiles import FILE_SUFFIXES, allowed_roots, dataset_files, open_data_file
 from core.errors import AmidError
 from core.settings import DatasetSettings
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
-FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 # The instruction template of Alpaca/Dolly fine-tuning (and of DistiLLM's data), used when a
 # tokenizer has no chat template of its own.
@@ -92,19 +92,15 @@ Row = tuple[str, Any]  # (location for error messages, the raw row)
 
 def _files(source: Path) -> list[Path]:
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.suffix in FILE_SUFFIXES)
-        if not files:
-            raise DatasetUnreadable(
-                f"{source}: no {'/'.join(FILE_SUFFIXES)} files in this directory", field="dataset"
-            )
-        return files
+        # Every file of the directory is a regular file inside the allowed roots (core.datafiles).
+        return dataset_files(source, allowed_roots())
     if source.suffix not in FILE_SUFFIXES:
         raise DatasetUnreadable(
             f"{source}: unsupported file type {source.suffix!r}; expected one of "
             f"{', '.join(FILE_SUFFIXES)}",
             field="dataset",
         )
-    return [source]
+    return dataset_files(source, allowed_roots())
 
 
 def _jsonl_rows(path: Path, lines: Iterable[str]) -> Iterator[Row]:
@@ -140,7 +136,8 @@ def _parquet_rows(path: Path) -> Iterator[Row]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        with open_data_file(path) as handle:
+            table = pq.read_table(handle)
     except (OSError, ValueError) as exc:
         raise DatasetUnreadable(f"{path.name}: not a readable Parquet file ({exc})") from exc
     for index, row in enumerate(table.to_pylist(), start=1):
@@ -153,7 +150,7 @@ def _local_rows(source: Path) -> Iterator[Row]:
             yield from _parquet_rows(path)
             continue
         try:
-            with path.open(encoding="utf-8") as handle:
+            with open_data_file(path, "r", encoding="utf-8") as handle:
                 # JSON lines are read as they are consumed, so a check of the first rows reads
                 # only those; a JSON document has to be read whole.
                 if path.suffix == ".jsonl":
@@ -397,6 +394,14 @@ def load_data(
 ) -> LoadedData:
     """Read, format, tokenize and split the dataset (deterministically by `seed`)."""
     examples, skipped, name = load_examples(settings, tokenizer, on_skip)
+    if settings.eval_size >= len(examples):
+        # Holding out every row (or all but a handful the split would quietly shrink to) would
+        # leave the run training on next to nothing and still "succeed".
+        raise DatasetUnreadable(
+            f"eval_size {settings.eval_size} leaves nothing to train on: the dataset has "
+            f"{len(examples)} usable rows",
+            field="dataset.eval_size",
+        )
     tokenized = [tokenize_example(e, tokenizer, max_prompt_length, max_length) for e in examples]
     train, held_out = _split(tokenized, settings.eval_size, seed)
     return LoadedData(train, held_out, skipped, name)

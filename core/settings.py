@@ -37,6 +37,20 @@ PositiveInt = Annotated[int, Field(ge=1)]
 MAX_EPOCHS = 1000
 MAX_BATCH_SIZE = 4096
 NonNegativeInt = Annotated[int, Field(ge=0)]
+# Bounds on the numbers that reach the arithmetic: past them a run overflows to inf or NaN (a
+# weight decay of 1e300, α = 1e308) or trains at nothing (a warmup of 1e18 steps). Each is far
+# beyond what any recipe uses, so a refusal is a typo caught at submission, not a lost GPU run.
+MAX_ABS_ALPHA = 100.0
+MAX_ABS_AB = 10.0
+MAX_CE_WEIGHT = 100.0
+MAX_LEARNING_RATE = 1.0
+MAX_WEIGHT_DECAY = 1.0
+MAX_GRAD_ACCUM_STEPS = 4096
+MAX_STEPS_BOUND = 10**9
+MIN_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 100.0
+MAX_NONFINITE_STEPS = 1000
+Alpha = Annotated[float, Field(ge=-MAX_ABS_ALPHA, le=MAX_ABS_ALPHA)]
 
 
 class _Strict(BaseModel):
@@ -98,8 +112,8 @@ DatasetField = Annotated[
 
 class ScheduleSettings(_Strict):
     kind: ScheduleKind = Field("constant", description="constant, linear or cosine.")
-    start: float = Field(description="Value at the first step.")
-    end: float | None = Field(None, description="Value at the last step (defaults to start).")
+    start: Alpha = Field(description="Value at the first step.")
+    end: Alpha | None = Field(None, description="Value at the last step (defaults to start).")
 
     @property
     def end_value(self) -> float:
@@ -111,7 +125,9 @@ class GenerationSettings(_Strict):
     do_sample: bool = Field(
         True, description="Sample (the paper: top_k=0, top_p=1, T=1) or decode greedily."
     )
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    temperature: float = Field(
+        1.0, ge=MIN_TEMPERATURE, le=MAX_TEMPERATURE, description="Sampling temperature."
+    )
     top_k: NonNegativeInt = Field(0, description="Top-k filter; 0 turns it off.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus filter; 1 turns it off.")
     num_samples_kept: NonNegativeInt = Field(
@@ -149,11 +165,11 @@ class DistillSettings(_Strict):
             "divergence, anchor, ab_alpha and ab_beta; fields given explicitly override it."
         ),
     )
-    alpha: float = Field(
+    alpha: Alpha = Field(
         -5.0,
         description=(
             "α: the mixing geometry of the assistant distribution (α=−1 arithmetic, α=1 geometric, "
-            "α>1 generalised means down to the support intersection). Any finite real."
+            f"α>1 generalised means down to the support intersection), in ±{MAX_ABS_ALPHA:g}."
         ),
     )
     lam: float = Field(
@@ -169,8 +185,12 @@ class DistillSettings(_Strict):
     anchor: Anchor = Field(
         "teacher", description=f"Which distribution the assistant is compared with: {ANCHORS}."
     )
-    ab_alpha: float = Field(0.2, description="α of the α-β divergence (the paper: 0.2).")
-    ab_beta: float = Field(0.7, description="β of the α-β divergence (the paper: 0.7).")
+    ab_alpha: float = Field(
+        0.2, ge=-MAX_ABS_AB, le=MAX_ABS_AB, description="α of the α-β divergence (the paper: 0.2)."
+    )
+    ab_beta: float = Field(
+        0.7, ge=-MAX_ABS_AB, le=MAX_ABS_AB, description="β of the α-β divergence (the paper: 0.7)."
+    )
     alpha_schedule: ScheduleSettings | None = Field(
         None, description="Move α over training (overrides alpha)."
     )
@@ -178,7 +198,10 @@ class DistillSettings(_Strict):
         None, description="Move λ over training (overrides lambda)."
     )
     ce_weight: float = Field(
-        0.0, ge=0.0, description="Weight of plain cross-entropy to the reference responses."
+        0.0,
+        ge=0.0,
+        le=MAX_CE_WEIGHT,
+        description="Weight of plain cross-entropy to the reference responses.",
     )
     loss_chunk_size: PositiveInt = Field(
         DEFAULT_LOSS_CHUNK_SIZE,
@@ -196,11 +219,25 @@ class DistillSettings(_Strict):
         1.0, gt=0, le=MAX_EPOCHS, description="Passes over the training split (if no max_steps)."
     )
     batch_size: PositiveInt = Field(8, le=MAX_BATCH_SIZE, description="Sequences per micro-batch.")
-    grad_accum_steps: PositiveInt = Field(1, description="Micro-batches per optimizer step.")
-    learning_rate: float = Field(5e-4, gt=0, description="Peak AdamW learning rate.")
+    grad_accum_steps: PositiveInt = Field(
+        1, le=MAX_GRAD_ACCUM_STEPS, description="Micro-batches per optimizer step."
+    )
+    learning_rate: float = Field(
+        5e-4, gt=0, le=MAX_LEARNING_RATE, description="Peak AdamW learning rate."
+    )
     lr_schedule: LrSchedule = Field("cosine", description="Decay after warmup.")
-    warmup_steps: NonNegativeInt = Field(0, description="Linear warmup steps.")
-    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_steps: NonNegativeInt = Field(
+        0, le=MAX_STEPS_BOUND, description="Linear warmup steps (fewer than max_steps)."
+    )
+    weight_decay: float = Field(0.01, ge=0, le=MAX_WEIGHT_DECAY, description="AdamW weight decay.")
+    max_nonfinite_steps: PositiveInt = Field(
+        3,
+        le=MAX_NONFINITE_STEPS,
+        description=(
+            "Steps in a row whose loss or gradient is not finite (each one skipped) before the "
+            "run fails with NonFiniteLoss."
+        ),
+    )
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Clip the gradient norm to this; null turns clipping off."
     )
@@ -290,6 +327,10 @@ class DistillSettings(_Strict):
             for bound in (self.lambda_schedule.start, self.lambda_schedule.end_value):
                 if not 0.0 <= bound <= 1.0:
                     raise ValueError("lambda_schedule: start and end must lie in [0, 1]")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(
+                "warmup_steps: must be below max_steps, or the learning rate never reaches its peak"
+            )
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 "max_prompt_length: must be below max_length so responses keep at least one token"

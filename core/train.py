@@ -49,6 +49,7 @@ from core.data import (
     load_data,
 )
 from core.evaluate import evaluate
+from core.guards import NonFiniteWatch, StopRequested, check_finite_weights, check_positions
 from core.losses import amid_loss
 from core.models import load_pair
 from core.schedules import schedule_value
@@ -133,6 +134,7 @@ class _Run:
         self.teacher, self.student, self.tokenizer = pair.teacher, pair.student, pair.tokenizer
         self.vocab_width = pair.vocab.width
         self.compute_dtype = pair.compute_dtype
+        check_positions(settings, self.teacher, self.student)
         self._event(
             "models_loaded",
             f"teacher {settings.teacher} and student {settings.student} loaded on {self.device}",
@@ -198,6 +200,7 @@ class _Run:
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.compute_dtype == torch.float16
         )
+        self.nonfinite = NonFiniteWatch(settings.max_nonfinite_steps)
         self.state = TrainingState(
             step=0, position=DataPosition(), best_metric=None, best_step=None
         )
@@ -292,9 +295,8 @@ class _Run:
         started = time.monotonic()
         first_step = self.state.step
         while self.state.step < self.total_steps:
-            if any(callback.should_stop() for callback in self.callbacks):
-                self._event("stopped", f"stopped at step {self.state.step} on request")
-                return self._finish("stopped", final_path=None)
+            if self._stop_requested():
+                return self.stopped()
             step_started = time.monotonic()
             metrics = self._train_step(self.state.step)
             self.state.step += 1
@@ -325,6 +327,7 @@ class _Run:
             # Resumed from the last step's checkpoint: finish what that run did not.
             self._evaluate(self.state.step)
         final = self.output_dir / "final"
+        check_finite_weights(self.student)
         save_model_dir(self.student, self.tokenizer, final)
         self._event("final_saved", f"final student written to {final}", {"path": str(final)})
         return self._finish("completed", final_path=final)
@@ -335,6 +338,9 @@ class _Run:
         accum = self.settings.grad_accum_steps
         loss_sum, tokens = 0.0, 0
         for _ in range(accum):
+            # Checked between micro-batches too: a stop never waits for a whole step.
+            if self._stop_requested():
+                raise StopRequested
             batch = self.stream.next()
             loss, _count = self._loss(batch, alpha, lam)
             # Each micro-batch's mean counts 1/accum: the step's gradient is their average.
@@ -345,6 +351,10 @@ class _Run:
         self.scaler.unscale_(self.optimizer)
         max_norm = self.settings.max_grad_norm or math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.parameters(), max_norm)
+        if not self.nonfinite.step_is_finite(step, loss_sum / accum, float(grad_norm)):
+            # Skipped (its update would make every weight NaN; a run of them fails the run):
+            # with no gradients, the optimizer step below leaves every weight as it is.
+            self.optimizer.zero_grad(set_to_none=True)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         lr = self.scheduler.get_last_lr()[0]
@@ -363,6 +373,8 @@ class _Run:
         alpha, lam = self._knobs(max(step - 1, 0))
 
         def loss_fn(batch: Batch) -> tuple[torch.Tensor, int]:
+            if self._stop_requested():
+                raise StopRequested
             with torch.no_grad():
                 return self._loss(batch, alpha, lam)
 
@@ -417,6 +429,13 @@ class _Run:
 
     # == cleanup =================================================================================
 
+    def _stop_requested(self) -> bool:
+        return any(callback.should_stop() for callback in self.callbacks)
+
+    def stopped(self) -> RunResult:
+        self._event("stopped", f"stopped at step {self.state.step} on request")
+        return self._finish("stopped", final_path=None)
+
     def _finish(self, status: str, final_path: Path | None) -> RunResult:
         final_metrics = dict(self.last_train)
         if self.last_eval is not None:
@@ -457,5 +476,7 @@ def distill(
     )
     try:
         return run.train()
+    except StopRequested:
+        return run.stopped()
     finally:
         run.cleanup()

@@ -66,15 +66,51 @@ class ServiceConfig(BaseSettings):
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted.")
     max_attempts: int = Field(3, ge=1, description="Runs of a job before a lost worker fails it.")
     heartbeat_seconds: float = Field(
-        10.0, gt=0, description="How often a running worker heartbeats."
+        1.0, gt=0, description="How often a running worker heartbeats and reads the cancel flag."
     )
     stale_after_seconds: float = Field(
-        120.0, gt=0, description="A running job whose heartbeat is older than this is re-queued."
+        30.0, gt=0, description="A running job whose heartbeat is older than this is re-queued."
     )
     redispatch_after_seconds: float = Field(
         60.0, gt=0, description="A queued job older than this is sent to the broker again."
     )
-    reaper_interval_seconds: float = Field(30.0, gt=0, description="How often the reaper runs.")
+    reaper_interval_seconds: float = Field(10.0, gt=0, description="How often the reaper runs.")
+    cancel_grace_seconds: float = Field(
+        2.0,
+        gt=0,
+        description=(
+            "A cancelled job still running this long after the worker saw the cancel has its "
+            "process terminated, then killed."
+        ),
+    )
+    stall_after_seconds: float = Field(
+        1800.0,
+        gt=0,
+        description=(
+            "A running job that reports no progress for this long fails as Stalled and its "
+            "process is ended, whatever its heartbeat says."
+        ),
+    )
+
+    # -- the API under load ----------------------------------------------------------------------
+    api_concurrency: int = Field(
+        32,
+        ge=1,
+        description=(
+            "Requests one API process serves at once; its database pool and thread pool are sized "
+            "to it."
+        ),
+    )
+    api_queue_seconds: float = Field(
+        2.0,
+        gt=0,
+        description="How long a request beyond AMID_API_CONCURRENCY waits before a 503.",
+    )
+    api_max_waiting: int = Field(
+        256,
+        ge=0,
+        description="Requests allowed to wait for a slot; past this a request gets 503 at once.",
+    )
 
     @field_validator("model_roots", "data_roots", mode="before")
     @classmethod

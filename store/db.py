@@ -23,6 +23,9 @@ from core.errors import AmidError
 from store.config import get_config
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Connections beyond the API's request concurrency: the readiness probe, a worker's heartbeat
+# thread next to its main thread.
+SPARE_CONNECTIONS = 4
 
 
 class DatabaseUnavailable(AmidError):
@@ -60,8 +63,19 @@ def make_engine(url: str) -> Engine:
         engine = sa.create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
         _configure_sqlite(engine)
         return engine
+    config = get_config()
     # pool_pre_ping: a connection dropped by a database restart is replaced, not handed out.
-    return sa.create_engine(url, pool_pre_ping=True, connect_args=_connect_args(parsed))
+    # The pool holds one connection per request the API serves at once (AMID_API_CONCURRENCY;
+    # connections open only when used), and a request that still finds it empty gives up
+    # after AMID_API_QUEUE_SECONDS with a 503 instead of SQLAlchemy's default 30 s wait.
+    return sa.create_engine(
+        url,
+        pool_pre_ping=True,
+        pool_size=config.api_concurrency,
+        max_overflow=SPARE_CONNECTIONS,
+        pool_timeout=config.api_queue_seconds,
+        connect_args=_connect_args(parsed),
+    )
 
 
 def _connect_args(url: sa.URL) -> dict[str, Any]:

@@ -444,6 +444,14 @@ def add_checkpoint(
     return checkpoint
 
 
+def forget_checkpoint(session: Session, job_id: str, step: int) -> None:
+    """Drop the row of a checkpoint whose artifact is gone: the list shows only what exists."""
+    session.execute(
+        sa.delete(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step),
+        execution_options={"synchronize_session": False},
+    )
+
+
 def latest_checkpoint(session: Session, job_id: str) -> Checkpoint | None:
     return session.execute(
         sa.select(Checkpoint)
@@ -589,20 +597,46 @@ def requeue_stale(
     return changed
 
 
-def jobs_to_redispatch(session: Session, *, older_than_seconds: float) -> list[str]:
-    """Queued jobs whose broker message may be lost: never sent, or sent long ago."""
+def jobs_to_redispatch(
+    session: Session, *, older_than_seconds: float, broker_empty: bool = False
+) -> list[str]:
+    """Queued jobs that need a message: never sent, or sent long ago and not waiting any more.
+
+    One message per job at a time: a message sent after a worker last took one
+    (`received_at`) is outstanding, and waits in the broker behind the others however long
+    the queue is; it is sent again only when the broker's queue is empty (`broker_empty`), so
+    the message must have been lost (a broker restarted without its data). A message a worker
+    took while the job stays queued did not lead to a claim, and is sent again.
+    """
     threshold = utcnow() - timedelta(seconds=older_than_seconds)
+    outstanding = sa.and_(
+        Job.enqueued_at.is_not(None),
+        sa.or_(Job.received_at.is_(None), Job.received_at < Job.enqueued_at),
+    )
+    due = sa.or_(
+        Job.enqueued_at.is_(None),
+        sa.and_(Job.enqueued_at < threshold, sa.true() if broker_empty else ~outstanding),
+    )
     return list(
         session.execute(
             sa.select(Job.id)
-            .where(
-                Job.status == JobStatus.QUEUED.value,
-                Job.cancel_requested.is_(False),
-                sa.or_(Job.enqueued_at.is_(None), Job.enqueued_at < threshold),
-            )
+            .where(Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False), due)
             .order_by(Job.created_at)
         ).scalars()
     )
+
+
+def take_message(session: Session, job_id: str) -> bool:
+    """A worker took the job's message off the queue: note it, and say whether the job is
+    still waiting to be claimed (False: the message is stale, drop it without a job process)."""
+    status = session.execute(
+        sa.update(Job)
+        .where(Job.id == job_id)
+        .values(received_at=utcnow())
+        .returning(Job.status, Job.cancel_requested),
+        execution_options={"synchronize_session": False},
+    ).one_or_none()
+    return status is not None and status[0] == JobStatus.QUEUED.value and not status[1]
 
 
 def mark_enqueued(session: Session, job_id: str) -> None:

@@ -94,6 +94,9 @@ class Job(Base):
     final_uri: Mapped[str | None] = mapped_column(sa.Text)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255))
     enqueued_at: Mapped[datetime | None]
+    # When a worker last took this job's message off the queue. A message sent after that
+    # (enqueued_at later) is still outstanding, and the reaper sends no second one.
+    received_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]

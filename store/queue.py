@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 
 from store.config import ServiceConfig, get_config
 
@@ -135,3 +136,21 @@ def broker_reachable(timeout: float = 2.0) -> bool:
         logger.warning("broker unreachable: %s", exc)
         return False
     return True
+
+
+def queue_is_empty(timeout: float = 2.0) -> bool:
+    """Whether no message waits in the GPU queue (messages a worker has taken do not count).
+
+    The reaper's test for lost messages; a broker that cannot be asked counts as not empty, so
+    nothing is re-sent on a guess.
+    """
+    app = get_celery_app()
+    try:
+        with app.connection_for_write(connect_timeout=timeout) as conn, conn.channel() as channel:
+            _, waiting, _ = channel.queue_declare(app.conf.task_default_queue, passive=True)
+    except ChannelError:
+        return True  # Redis drops the key of an empty list: no queue is an empty queue
+    except Exception as exc:  # noqa: BLE001 - any failure means "cannot tell"; the reason is logged
+        logger.warning("broker queue length unknown: %s", exc)
+        return False
+    return int(waiting) == 0

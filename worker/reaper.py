@@ -1,4 +1,5 @@
-"""The sweeper: re-queue jobs of lost workers and re-send queued jobs whose message may be gone.
+"""The sweeper: re-queue jobs of lost workers and re-send queued jobs whose message is gone
+(one message per job at a time: see `store.jobs.jobs_to_redispatch`).
 
 One pass is `sweep()`. Compose runs `amid reaper` (a loop of passes) as its own service; the
 embedded `amid serve` runs the same loop in a thread.
@@ -11,7 +12,7 @@ import threading
 
 from store import jobs
 from store.config import get_config
-from store.queue import enqueue
+from store.queue import enqueue, queue_is_empty
 from worker.db_retry import with_session
 
 logger = logging.getLogger(__name__)
@@ -31,8 +32,11 @@ def sweep() -> dict[str, list[str]]:
     done: dict[str, list[str]] = {"requeued": [], "finished": [], "redispatched": []}
     for job_id, status in changed:
         (done["requeued"] if status == "queued" else done["finished"]).append(job_id)
+    broker_empty = queue_is_empty()
     pending = with_session(
-        lambda s: jobs.jobs_to_redispatch(s, older_than_seconds=config.redispatch_after_seconds),
+        lambda s: jobs.jobs_to_redispatch(
+            s, older_than_seconds=config.redispatch_after_seconds, broker_empty=broker_empty
+        ),
         what="find queued jobs",
     )
     for job_id in dict.fromkeys([*done["requeued"], *pending]):

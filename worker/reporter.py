@@ -46,6 +46,8 @@ class DbReporter(Callback):
         self._progress: dict[str, Any] | None = None  # not yet written
         self._last_progress: dict[str, Any] | None = None  # written or not
         self._last_flush = time.monotonic()
+        # When the run last showed a sign of life (the watchdog fails a run silent for too long).
+        self.last_progress = time.monotonic()
         self.cancel_requested = threading.Event()
         self.lease_lost = threading.Event()
         self.checkpoints: list[UploadedArtifact] = []
@@ -77,6 +79,7 @@ class DbReporter(Callback):
         self._event("info", kind, message, data or {})
 
     def on_step(self, report: StepReport) -> None:
+        self.last_progress = time.monotonic()
         with self._lock:
             self._points.extend((report.step, k, v) for k, v in report.metrics.items())
             self._progress = {
@@ -106,6 +109,7 @@ class DbReporter(Callback):
         self.flush()
 
     def on_checkpoint(self, report: CheckpointReport) -> None:
+        self.last_progress = time.monotonic()
         # Upload first, record second: a row always points at a complete artifact.
         uploaded = self.artifacts.upload_dir(report.path, checkpoint_key(self.job_id, report.step))
         self.checkpoints.append(uploaded)
@@ -134,6 +138,7 @@ class DbReporter(Callback):
         message: str,
         data: dict[str, Any],
     ) -> None:
+        self.last_progress = time.monotonic()
         with self._lock:
             self._events.append(jobs.EventIn(level=level, type=kind, message=message, data=data))
         self._maybe_flush()

@@ -14,14 +14,22 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from core.datafiles import within_roots
 from core.errors import AmidError
 from core.settings import DistillSettings
 from store import jobs
-from store.artifacts import ArtifactStore, final_key, get_artifact_store
+from store.artifacts import (
+    ArtifactCorrupt,
+    ArtifactNotFound,
+    ArtifactStore,
+    final_key,
+    get_artifact_store,
+)
 from store.config import get_config
 from store.states import JobStatus
 from worker.db_retry import with_session
 from worker.reporter import DbReporter, Heartbeat
+from worker.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +56,39 @@ def _resolve_source(source: str, field: str, artifacts: ArtifactStore, cache: Pa
     return str(local)
 
 
+def _resume_point(
+    job_id: str, artifacts: ArtifactStore, local: Path, reporter: DbReporter
+) -> Path | None:
+    """The newest checkpoint that can still be read, downloaded to `local`; None: start over.
+
+    A checkpoint whose artifact is gone or damaged is dropped from the job's list (it shows
+    only what exists), with an event, and the one before it is tried.
+    """
+    dropped = 0
+    while (
+        checkpoint := with_session(lambda s: jobs.latest_checkpoint(s, job_id), what="checkpoint")
+    ) is not None:
+        step, uri = checkpoint.step, checkpoint.uri
+        try:
+            return artifacts.download_dir(uri, local)
+        except (ArtifactNotFound, ArtifactCorrupt) as exc:
+            shutil.rmtree(local, ignore_errors=True)
+            _forget_checkpoint(job_id, step)
+            dropped += 1
+            reporter.on_event(
+                "checkpoint_unreadable",
+                f"checkpoint at step {step} cannot be read ({exc.message}); dropped",
+                {"step": step, "uri": uri},
+            )
+    if dropped:
+        reporter.on_event("started_over", "no readable checkpoint left; training from the start")
+    return None
+
+
+def _forget_checkpoint(job_id: str, step: int) -> None:
+    with_session(lambda s: jobs.forget_checkpoint(s, job_id, step), what="forget checkpoint")
+
+
 def _attempt_and_settings(session: Session, job_id: str) -> tuple[int, dict[str, Any]]:
     job = jobs.get_job(session, job_id)
     return job.attempt, dict(job.settings)
@@ -64,8 +105,16 @@ def run_job(job_id: str, worker_id: str) -> str:
     # threshold, and the reaper would re-queue a job whose worker is alive and busy.
     heartbeat = Heartbeat(reporter, config.heartbeat_seconds)
     heartbeat.start()
+    watchdog = Watchdog(
+        reporter,
+        cancel_grace_seconds=config.cancel_grace_seconds,
+        stall_after_seconds=config.stall_after_seconds,
+    )
+    watchdog.start()
     try:
-        return _run(job_id, worker_id, work_dir, reporter)
+        # Datasets are read under the rules the API applied at submission (core.datafiles).
+        with within_roots(config.data_roots):
+            return _run(job_id, worker_id, work_dir, reporter)
     except Exception as exc:
         code = exc.code if isinstance(exc, AmidError) else "InternalError"
         message = exc.message if isinstance(exc, AmidError) else f"{type(exc).__name__}: {exc}"
@@ -78,6 +127,7 @@ def run_job(job_id: str, worker_id: str) -> str:
         )
         return JobStatus.FAILED.value
     finally:
+        watchdog.stop()
         heartbeat.stop()
         shutil.rmtree(work_dir, ignore_errors=True)
 
@@ -106,14 +156,9 @@ def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> s
     check_tokenizers(settings.teacher, settings.student, settings.trust_remote_code)
     check_dataset(settings.dataset)
 
-    resume_from: Path | None = None
+    resume_from = None
     if attempt > 1:
-        checkpoint_uri = with_session(
-            lambda s: getattr(jobs.latest_checkpoint(s, job_id), "uri", None), what="checkpoint"
-        )
-        if checkpoint_uri is not None:
-            resume_from = artifacts.download_dir(checkpoint_uri, work_dir / "resume")
-
+        resume_from = _resume_point(job_id, artifacts, work_dir / "resume", reporter)
     result = distill(settings, work_dir / "run", callbacks=[reporter], resume_from=resume_from)
     reporter.upload_metrics()
 

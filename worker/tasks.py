@@ -3,6 +3,12 @@
 The message carries only a job id. Acks are late, so a worker lost mid-job leaves the message to
 be delivered again; the DB claim makes that (and any duplicate delivery) harmless: a job that is
 not `queued` is not claimed, and the task returns without doing anything.
+
+A message for a job that is plainly not waiting any more (cancelled while queued, already running
+or finished) does not even get that far: the worker's main process checks the row when it takes
+the message off the queue and drops it there, so a stale message costs one UPDATE, not a fresh
+job process. The same check notes that the job's message was taken (`received_at`), which tells
+the reaper that no message for the job is outstanding.
 """
 
 from __future__ import annotations
@@ -10,8 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any
 
 from celery import Celery
+from celery.concurrency.base import BasePool
+from celery.worker.request import Request
+from celery.worker.state import task_ready
 
 from store import jobs
 from store.queue import RUN_JOB_TASK, get_celery_app
@@ -29,7 +39,26 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:gpu{os.environ.get('CUDA_VISIBLE_DEVICES', '-')}"
 
 
-@app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
+STALE_MESSAGE_LOG = "job %s: stale message dropped (the job is not waiting to be claimed)"
+
+
+class DropStaleMessages(Request):
+    """Runs in the worker's main process, before the message reaches a job process."""
+
+    def execute_using_pool(self, pool: BasePool, **kwargs: Any) -> Any:
+        job_id = self.args[0] if self.args else None
+        if isinstance(job_id, str) and not with_session(
+            lambda s: jobs.take_message(s, job_id), what="take message"
+        ):
+            logger.info(STALE_MESSAGE_LOG, job_id)
+            # What Celery does with a revoked request: off the worker's books, acknowledged.
+            task_ready(self)
+            self.acknowledge()
+            return None
+        return super().execute_using_pool(pool, **kwargs)
+
+
+@app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True, Request=DropStaleMessages)
 def run_job(job_id: str) -> str:
     me = worker_id()
     claimed = with_session(lambda s: jobs.claim_job(s, job_id, me) is not None, what="claim")

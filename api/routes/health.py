@@ -18,7 +18,9 @@ BROKER_TIMEOUT_SECONDS = 2.0
 
 
 @router.get("/healthz", summary="The process is up")
-def healthz() -> dict[str, str]:
+async def healthz() -> dict[str, str]:
+    # On the event loop, touching nothing: it answers even when every thread and connection of
+    # the API is busy (sync routes would queue behind them for a thread).
     return {"status": "ok"}
 
 

@@ -260,6 +260,29 @@ SIZES = [
     _schema("seed beyond 64 bits", "sizes", "seed", {"seed": 2**64}),
 ]
 
+# Finite, yet past what the arithmetic survives: each made a job "succeed" with NaN weights,
+# fail late, or train at nothing, before these bounds.
+NUMERIC_BOUNDS = [
+    _schema(n, "numeric bounds", f, c)
+    for n, f, c in [
+        ("alpha 1e308", "alpha", {"alpha": 1e308}),
+        (
+            "alpha schedule end 1e308",
+            "alpha_schedule.end",
+            {"alpha_schedule": {"start": 1.0, "end": 1e308}},
+        ),
+        ("ce_weight 1e308", "ce_weight", {"ce_weight": 1e308}),
+        ("weight_decay 1e300", "weight_decay", {"weight_decay": 1e300}),
+        ("learning_rate 1e300", "learning_rate", {"learning_rate": 1e300}),
+        ("ab_beta 1e300", "ab_beta", {"ab_beta": 1e300}),
+        ("grad_accum_steps 1e9", "grad_accum_steps", {"grad_accum_steps": 1_000_000_000}),
+        ("warmup_steps 1e18", "warmup_steps", {"warmup_steps": 10**18}),
+        ("warmup_steps not below max_steps", "warmup_steps", {"warmup_steps": 10, "max_steps": 10}),
+        ("temperature 1e-320", "generation.temperature", {"generation": {"temperature": 1e-320}}),
+        ("max_nonfinite_steps 0", "max_nonfinite_steps", {"max_nonfinite_steps": 0}),
+    ]
+]
+
 SHAPE_CHANGES: list[tuple[str, str, Mapping[str, Any]]] = [
     ("unknown top-level field", "typo_field", {"typo_field": 1}),
     (
@@ -503,6 +526,18 @@ DATA = [
         ("dataset of an unsupported type", "dataset.source", "data/rows.csv", (".csv",)),
         ("dataset directory without data", "dataset.source", "data/empty-dir", ("no .jsonl",)),
         ("dataset a FIFO", "dataset.source", "data/fifo.jsonl", ("regular file",)),
+        (
+            "dataset directory with a FIFO next to a valid file",
+            "dataset.source",
+            "data/fifo-dir",
+            ("regular file",),
+        ),
+        (
+            "dataset directory with a symlink out of the roots",
+            "dataset.source",
+            "data/leak-dir",
+            ("outside",),
+        ),
         ("dataset rows fit no format", "dataset.format", "data/unknown.jsonl", ("detect",)),
         (
             "dataset rows misfit the format",
@@ -752,6 +787,7 @@ CASES: list[Case] = [
     *NAN_AND_INFINITY,
     *LOSS,
     *SIZES,
+    *NUMERIC_BOUNDS,
     *SHAPE,
     *BODY,
     *PATHS,
@@ -805,6 +841,11 @@ def make_layout(base: Path) -> Layout:
     (data / "rows.csv").write_text("prompt,response\np,r\n")
     (data / "unknown.jsonl").write_text('{"question": "q", "answer": "a"}\n')
     os.mkfifo(data / "fifo.jsonl")
+    for name in ("fifo-dir", "leak-dir"):
+        (data / name).mkdir()
+        (data / name / "a.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+    os.mkfifo(data / "fifo-dir" / "b.jsonl")
+    (data / "leak-dir" / "b.jsonl").symlink_to(layout.outside / "secret.jsonl")
     return layout
 
 

@@ -87,11 +87,15 @@ class Service:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def task_outcomes(self) -> list[str]:
-        """What each run_job task of this worker returned, in order ('succeeded', 'not_claimed',
-        ...), read from Celery's log line for a finished task."""
-        return re.findall(
-            r"Task amid\.run_job\[[^\]]+\] succeeded in [\d.]+s: '(\w+)'", self.output()
+        """What became of each run_job message of this worker, in order: what the task returned
+        ('succeeded', 'not_claimed', ...), read from Celery's log line for a finished task, or
+        'dropped' for a stale message the main process dropped before any job process ran."""
+        found = re.findall(
+            r"Task amid\.run_job\[[^\]]+\] succeeded in [\d.]+s: '(\w+)'"
+            r"|job [0-9a-f]{32}: stale (message) dropped",
+            self.output(),
         )
+        return [returned or "dropped" for returned, _ in found]
 
     def kill(self) -> None:
         """SIGKILL the whole process group (the worker's main process and its training child)."""

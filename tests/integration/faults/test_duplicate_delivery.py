@@ -42,17 +42,23 @@ def test_a_message_delivered_twice_runs_the_job_once(
 
     job = stack.wait_finished(job_id, JOB_TIMEOUT)
     assert job["status"] == "succeeded", (job, stack.logs())
-    # Both deliveries are consumed, one by each worker: one ran the job, one claimed nothing.
+
+    # Both deliveries are consumed, one by each worker: one ran the job; the other claimed
+    # nothing, or, when its copy came after the claim, dropped it before starting a job process.
+    def outcomes() -> list[str]:
+        return sorted(o for w in workers for o in w.task_outcomes())
+
     wait_for(
-        lambda: (
-            sorted(o for w in workers for o in w.task_outcomes()) == ["not_claimed", "succeeded"]
-        ),
+        lambda: outcomes() in (["not_claimed", "succeeded"], ["dropped", "succeeded"]),
         60,
         f"both deliveries to be handled\n{stack.logs()}",
     )
-    assert sorted(tuple(w.task_outcomes()) for w in workers) == [("not_claimed",), ("succeeded",)]
-    loser = next(w for w in workers if w.task_outcomes() == ["not_claimed"])
-    assert f"job {job_id}: nothing to claim" in loser.output()
+    loser = next(w for w in workers if w.task_outcomes() != ["succeeded"])
+    assert len(loser.task_outcomes()) == 1
+    said = (
+        "nothing to claim" if loser.task_outcomes() == ["not_claimed"] else "stale message dropped"
+    )
+    assert f"job {job_id}: {said}" in loser.output()
 
     assert job["attempt"] == 1
     types = [e["type"] for e in stack.events(job_id)]

@@ -336,7 +336,7 @@ def test_lost_worker_of_a_cancelling_job_ends_it_cancelled(session: Session) -> 
     )
 
 
-def test_redispatch_picks_unsent_and_long_unclaimed_jobs(session: Session) -> None:
+def test_redispatch_picks_unsent_jobs_and_lost_or_unclaimed_messages(session: Session) -> None:
     unsent = _queued(session)
     sent = _queued(session)
     jobs.mark_enqueued(session, sent.id)
@@ -347,7 +347,22 @@ def test_redispatch_picks_unsent_and_long_unclaimed_jobs(session: Session) -> No
     session.execute(
         sa.update(Job).where(Job.id == sent.id).values(enqueued_at=utcnow() - timedelta(seconds=61))
     )
+    # Sent long ago but never taken: it waits in the broker behind the others; one message per
+    # job, so none is added while the queue still holds messages ...
+    assert sent.id not in jobs.jobs_to_redispatch(session, older_than_seconds=60)
+    # ... and the queue being empty means it was lost.
+    assert sent.id in jobs.jobs_to_redispatch(session, older_than_seconds=60, broker_empty=True)
+    # Taken by a worker, and the job is still queued: that delivery led to no claim.
+    assert jobs.take_message(session, sent.id) is True
     assert sent.id in jobs.jobs_to_redispatch(session, older_than_seconds=60)
+
+
+def test_a_message_for_a_job_no_longer_queued_is_stale(session: Session) -> None:
+    job = _queued(session)
+    assert jobs.take_message(session, job.id) is True
+    jobs.request_cancel(session, job.id, None)
+    assert jobs.take_message(session, job.id) is False
+    assert jobs.take_message(session, "0" * 32) is False
 
 
 def test_events_go_with_their_job(session: Session) -> None:

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import sqlalchemy as sa
 
 from store import jobs
@@ -87,3 +89,34 @@ def test_queued_job_with_a_lost_message_is_sent_again(db: str, tmp_path: Path) -
     assert _sent(tmp_path) == [job_id]
     # Marked as sent: the next pass right away does not send it a second time.
     assert sweep()["redispatched"] == []
+
+
+def test_a_backlog_holds_one_message_per_job(
+    db: str, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twelve jobs waiting behind a busy worker: pass after pass, the reaper adds no second
+    message for any of them; when the broker loses its messages, each is sent again, once."""
+    queue = f"amid-backlog-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setenv("AMID_BROKER_URL", redis_url)
+    monkeypatch.setenv("AMID_QUEUE", queue)
+    get_config.cache_clear()
+    reset_celery_app()
+    broker = redis.Redis.from_url(redis_url)
+    try:
+        with session_scope() as session:
+            waiting = [
+                jobs.create_job(session, job_body(), "tester", None, 3)[0].id for _ in range(12)
+            ]
+        for _ in range(4):
+            sweep()
+            time.sleep(0.6)  # past AMID_REDISPATCH_AFTER_SECONDS every time
+        assert broker.llen(queue) == len(waiting)
+
+        broker.delete(queue)  # a broker restarted without its data
+        assert set(sweep()["redispatched"]) == set(waiting)
+        time.sleep(0.6)
+        assert sweep()["redispatched"] == []
+        assert broker.llen(queue) == len(waiting)
+    finally:
+        broker.delete(queue)
+        broker.close()

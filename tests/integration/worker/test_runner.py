@@ -11,20 +11,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy as sa
 
 from core.callbacks import Callback, CheckpointReport, RunInfo, RunResult, StepReport
 from store import jobs
 from store.artifacts import get_artifact_store
 from store.config import get_config
 from store.db import reset_engine, session_scope, upgrade
+from store.models import Job
 from tests.integration.e2e._service import DEMO, job_body
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def db(postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def db(postgres_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
     monkeypatch.setenv("AMID_DATABASE_URL", postgres_url)
+    # The worker reads datasets only under the data roots, as the API allowed them.
+    monkeypatch.setenv("AMID_DATA_ROOTS", f"{DEMO}:{tmp_path}")
     monkeypatch.setenv("AMID_HEARTBEAT_SECONDS", "0.2")
     monkeypatch.setenv("AMID_STALE_AFTER_SECONDS", "30")
     get_config.cache_clear()
@@ -176,3 +180,77 @@ def test_cancel_stops_at_a_step_boundary_and_keeps_checkpoints(
     assert 5 <= step < 1000
     with session_scope() as session:
         assert len(jobs.list_checkpoints(session, job_id)) >= 5
+
+
+def _requeued_with_checkpoints(steps_present: list[int], steps_missing: list[int]) -> str:
+    """A job on its second attempt, with checkpoint rows of which some artifacts are gone."""
+    job_id = _new_job()
+    store = get_artifact_store()
+    with session_scope() as session:
+        assert jobs.claim_job(session, job_id, "lost-worker") is not None
+    for step in sorted(steps_present + steps_missing):
+        local = get_config().home / "ckpt" / str(step)
+        local.mkdir(parents=True)
+        (local / "weights.bin").write_bytes(b"w" * step)
+        uploaded = store.upload_dir(local, f"jobs/{job_id}/checkpoints/step-{step}")
+        with session_scope() as session:
+            jobs.add_checkpoint(
+                session,
+                job_id,
+                step=step,
+                uri=uploaded.uri,
+                sha256=uploaded.sha256,
+                metrics={},
+                is_best=False,
+            )
+        if step in steps_missing:
+            shutil.rmtree(Path(uploaded.uri.removeprefix("file://")))
+    with session_scope() as session:
+        session.execute(
+            sa.update(Job).where(Job.id == job_id).values(status="queued", lease_owner=None)
+        )
+    return job_id
+
+
+def _resumed_from(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    seen: list[Any] = []
+    fake = _fake_distill(1)
+
+    def distill(
+        settings: Any, output_dir: Path, callbacks: Any = (), resume_from: Any = None
+    ) -> RunResult:
+        # What it resumes from, read now: the work directory goes with the run.
+        seen.append(resume_from and (Path(resume_from) / "weights.bin").read_bytes())
+        return fake(settings, output_dir, callbacks, resume_from)
+
+    monkeypatch.setattr("core.train.distill", distill)
+    return seen
+
+
+def _event_types(job_id: str) -> list[str]:
+    with session_scope() as session:
+        return [event.type for event in jobs.list_events(session, job_id, limit=1000)]
+
+
+def test_resume_falls_back_past_a_missing_newest_checkpoint(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _resumed_from(monkeypatch)
+    job_id = _requeued_with_checkpoints(steps_present=[2], steps_missing=[4])
+    assert _run_task(job_id) == "succeeded"
+    assert seen == [b"w" * 2]  # the checkpoint of step 2, the newest that can be read
+    assert "checkpoint_unreadable" in _event_types(job_id)
+    with session_scope() as session:
+        listed = [c.step for c in jobs.list_checkpoints(session, job_id)]
+    assert 4 not in listed and 2 in listed
+
+
+def test_resume_starts_over_when_no_checkpoint_is_readable(
+    db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _resumed_from(monkeypatch)
+    job_id = _requeued_with_checkpoints(steps_present=[], steps_missing=[2, 4])
+    assert _run_task(job_id) == "succeeded"
+    assert seen == [None]
+    types = _event_types(job_id)
+    assert types.count("checkpoint_unreadable") == 2 and "started_over" in types

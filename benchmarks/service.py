@@ -1,0 +1,318 @@
+"""The API under concurrent clients: latency and throughput of get, list and submit.
+
+Starts the real API (uvicorn, one process, as the API image runs it) on 127.0.0.1 against a
+throw-away Postgres database, then drives it with bounded async clients (httpx): for each
+operation and each client count, every client sends requests back to back for `--seconds`
+(at most `--max-requests` in all). Each client has its own API key, as a team's users do.
+The one-client run of each operation is the baseline its ratios are measured against.
+
+    python -m benchmarks.service                          # print the table (about 2 minutes)
+    python -m benchmarks.service --write BENCHMARKS.md
+
+What must hold (printed at the end, and the exit status): no 5xx other than 503 with
+`Retry-After`, and GET p99 at 100 clients under 500 ms. The machine's load average is printed
+before and after: on a machine others are using, the figures are worse than on a quiet one.
+The client runs on the same cores as the server, so on a small machine it takes its share too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import sqlalchemy as sa
+
+from benchmarks.report import cpu_model, write_section
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "core" / "demo"
+ADMIN_URL = os.environ.get(
+    "AMID_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+CLIENT_COUNTS = (1, 10, 100, 200)
+OPERATIONS = ("get", "list", "submit")
+JOBS_PER_KEY = 5
+REQUEST_TIMEOUT_SECONDS = 30.0
+STARTUP_SECONDS = 30.0
+GET_P99_TARGET_MS = 500.0
+SUBMIT_BODY = {
+    "teacher": "core/demo/assets/teacher",
+    "student": "core/demo/assets/student",
+    "dataset": {"source": "core/demo/data/demo.jsonl", "format": "dolly"},
+    "max_steps": 2,
+}
+
+
+@dataclass
+class Phase:
+    operation: str
+    clients: int
+    seconds: float = 0.0
+    latencies_ms: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    bad_503: int = 0  # 503 without Retry-After
+    client_errors: Counter[str] = field(default_factory=Counter)  # time-outs, resets
+
+    @property
+    def ok(self) -> int:
+        return sum(n for status, n in self.statuses.items() if 200 <= status < 300)
+
+    @property
+    def server_errors(self) -> int:
+        """5xx other than a 503 that says when to retry."""
+        fives = sum(n for status, n in self.statuses.items() if status >= 500)
+        return fives - self.statuses[503] + self.bad_503
+
+    def percentile(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        if not ordered:
+            return float("nan")
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@contextmanager
+def throwaway_database() -> Iterator[str]:
+    admin = sa.create_engine(ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = f"amid_bench_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def seed(database_url: str, keys: int) -> tuple[list[str], list[str]]:
+    """`keys` API keys (their secrets) and one of each key's jobs, made through the store."""
+    from store import jobs
+    from store.config import get_config
+    from store.db import reset_engine, session_scope, upgrade
+    from store.keys import create_api_key
+
+    os.environ["AMID_DATABASE_URL"] = database_url
+    get_config.cache_clear()
+    reset_engine()
+    upgrade(database_url)
+    secrets, job_ids = [], []
+    with session_scope() as session:
+        for index in range(keys):
+            key, secret = create_api_key(session, f"bench-{index}")
+            secrets.append(secret)
+            for _ in range(JOBS_PER_KEY):
+                job, _ = jobs.create_job(session, dict(SUBMIT_BODY), key.id, None, 3)
+            job_ids.append(job.id)
+    reset_engine()
+    return secrets, job_ids
+
+
+def start_api(database_url: str, home: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMID_")}
+    env.update(
+        {
+            "AMID_DATABASE_URL": database_url,
+            "AMID_HOME": str(home),
+            "AMID_MODEL_ROOTS": str(DEMO),
+            "AMID_DATA_ROOTS": str(DEMO),
+            # Submissions pile up unrun (no worker): the per-key queue limit must not refuse them.
+            "AMID_MAX_QUEUED_PER_KEY": "1000000",
+        }
+    )
+    argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1"]
+    argv += ["--port", str(port), "--log-level", "warning"]
+    log = (home / "api.log").open("wb")
+    return subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_up(base: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the API exited with status {process.returncode}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the API did not come up within {STARTUP_SECONDS:.0f}s")
+
+
+Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+
+
+def requests_for(secrets: list[str], job_ids: list[str]) -> dict[str, Request]:
+    def auth(client: int) -> dict[str, str]:
+        return {"Authorization": f"Bearer {secrets[client]}"}
+
+    async def get(http: httpx.AsyncClient, client: int) -> httpx.Response:
+        return await http.get(f"/v1/jobs/{job_ids[client]}", headers=auth(client))
+
+    async def listing(http: httpx.AsyncClient, client: int) -> httpx.Response:
+        return await http.get("/v1/jobs", params={"limit": 20}, headers=auth(client))
+
+    async def submit(http: httpx.AsyncClient, client: int) -> httpx.Response:
+        return await http.post("/v1/jobs", json=SUBMIT_BODY, headers=auth(client))
+
+    return {"get": get, "list": listing, "submit": submit}
+
+
+async def run_phase(
+    base: str, phase: Phase, request: Request, seconds: float, max_requests: int
+) -> None:
+    limits = httpx.Limits(max_connections=phase.clients, max_keepalive_connections=phase.clients)
+    sent = 0
+    async with httpx.AsyncClient(
+        base_url=base, limits=limits, timeout=REQUEST_TIMEOUT_SECONDS
+    ) as http:
+        started = time.monotonic()
+        deadline = started + seconds
+
+        async def client(index: int) -> None:
+            nonlocal sent
+            while time.monotonic() < deadline and sent < max_requests:
+                sent += 1
+                before = time.monotonic()
+                try:
+                    response = await request(http, index)
+                except httpx.HTTPError as exc:
+                    phase.client_errors[type(exc).__name__] += 1
+                    continue
+                phase.latencies_ms.append((time.monotonic() - before) * 1000)
+                phase.statuses[response.status_code] += 1
+                if response.status_code == 503 and "retry-after" not in response.headers:
+                    phase.bad_503 += 1
+
+        await asyncio.gather(*(client(index) for index in range(phase.clients)))
+        phase.seconds = time.monotonic() - started
+
+
+async def healthz_during(base: str, phase: Awaitable[None]) -> list[float]:
+    """/healthz latencies (ms), sampled every 100 ms while `phase` runs."""
+    samples: list[float] = []
+    task = asyncio.ensure_future(phase)
+    async with httpx.AsyncClient(base_url=base, timeout=REQUEST_TIMEOUT_SECONDS) as http:
+        while not task.done():
+            before = time.monotonic()
+            await http.get("/healthz")
+            samples.append((time.monotonic() - before) * 1000)
+            await asyncio.sleep(0.1)
+    await task
+    return samples
+
+
+def machine() -> str:
+    return f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores, no GPU"
+
+
+def load() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
+def table(phases: list[Phase]) -> list[str]:
+    lines = [
+        "| operation | clients | requests | 2xx/s | p50 ms | p99 ms | p99 vs 1 client | 503 "
+        "(Retry-After) | other 5xx | client errors |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    baseline = {p.operation: p.percentile(0.99) for p in phases if p.clients == 1}
+    for p in phases:
+        errors = ", ".join(f"{n} {name}" for name, n in p.client_errors.items()) or "0"
+        lines.append(
+            f"| {p.operation} | {p.clients} | {len(p.latencies_ms)} | "
+            f"{p.ok / max(p.seconds, 1e-9):.0f} | {p.percentile(0.5):.0f} | "
+            f"{p.percentile(0.99):.0f} | {p.percentile(0.99) / baseline[p.operation]:.1f}× | "
+            f"{p.statuses[503] - p.bad_503} | {p.server_errors} | {errors} |"
+        )
+    return lines
+
+
+async def measure(
+    base: str, requests: dict[str, Request], seconds: float, max_requests: int
+) -> tuple[list[Phase], list[float]]:
+    phases: list[Phase] = []
+    health: list[float] = []
+    for operation in OPERATIONS:
+        for clients in CLIENT_COUNTS:
+            phase = Phase(operation, clients)
+            running = run_phase(base, phase, requests[operation], seconds, max_requests)
+            if operation == "get" and clients == max(CLIENT_COUNTS):
+                health = await healthz_during(base, running)
+            else:
+                await running
+            phases.append(phase)
+            print(table([*(p for p in phases if p.clients == 1), phase])[-1], flush=True)
+    return phases, health
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=6.0, help="Length of each phase.")
+    parser.add_argument(
+        "--max-requests", type=int, default=20_000, help="Cap on the requests of each phase."
+    )
+    parser.add_argument("--write", type=Path, help="Write the table into this BENCHMARKS.md.")
+    args = parser.parse_args()
+
+    from tests.integration.e2e._service import free_port
+
+    load_before = load()
+    with throwaway_database() as url, tempfile.TemporaryDirectory() as home:
+        secrets, job_ids = seed(url, max(CLIENT_COUNTS))
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        api = start_api(url, Path(home), port)
+        try:
+            wait_up(base, api)
+            phases, health = asyncio.run(
+                measure(base, requests_for(secrets, job_ids), args.seconds, args.max_requests)
+            )
+        finally:
+            api.terminate()
+            api.wait(timeout=30)
+    load_after = load()
+
+    lines = table(phases)
+    get_100 = next(p for p in phases if p.operation == "get" and p.clients == 100)
+    no_5xx = all(p.server_errors == 0 for p in phases)
+    fast_get = get_100.percentile(0.99) < GET_P99_TARGET_MS
+    summary = [
+        f"Machine: {machine()}; load average (1/5/15 min) {load_before} before, "
+        f"{load_after} after. One uvicorn process on Postgres, default AMID_API_* settings; "
+        f"{args.seconds:g} s per row; one httpx client process on the same cores.",
+        "",
+        *lines,
+        "",
+        f"- `/healthz` while 200 clients read jobs: p50 {statistics.median(health):.0f} ms, "
+        f"max {max(health):.0f} ms ({len(health)} probes).",
+        f"- No 5xx other than 503 with Retry-After: {'yes' if no_5xx else 'NO'}.",
+        f"- GET p99 at 100 clients: {get_100.percentile(0.99):.0f} ms "
+        f"({'under' if fast_get else 'NOT under'} the {GET_P99_TARGET_MS:.0f} ms target).",
+    ]
+    print("\n".join(summary))
+    if args.write:
+        section = [
+            "## The API under concurrent clients (`python -m benchmarks.service`)",
+            "",
+            *summary,
+        ]
+        write_section(args.write, "service", section)
+    sys.exit(0 if no_5xx and fast_get else 1)
+
+
+if __name__ == "__main__":
+    main()
