@@ -128,6 +128,9 @@ def _wait(api: Api, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     deadline = time.monotonic() + args.timeout if args.timeout else None
+    # A job that moves (a step, a new status) is waited for however long it takes, when asked.
+    seen: tuple[str, int] | None = None
+    moved_at = time.monotonic()
     bar = tqdm(total=None, unit="step", desc=args.job_id[:8], file=sys.stderr, dynamic_ncols=True)
     try:
         while True:
@@ -149,6 +152,13 @@ def _wait(api: Api, args: argparse.Namespace) -> int:
                 break
             if deadline is not None and time.monotonic() > deadline:
                 raise ClientError(f"job {args.job_id} still {job['status']} after {args.timeout}s")
+            if (job["status"], progress["step"]) != seen:
+                seen, moved_at = (job["status"], progress["step"]), time.monotonic()
+            elif args.idle_timeout and time.monotonic() - moved_at > args.idle_timeout:
+                raise ClientError(
+                    f"job {args.job_id} made no progress for {args.idle_timeout:g}s "
+                    f"(still {job['status']} at step {progress['step']})"
+                )
             pause(args.interval)
     finally:
         bar.close()
@@ -247,6 +257,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     wait.add_argument("--interval", type=float, default=2.0, help="Seconds between polls.")
     wait.add_argument(
         "--timeout", type=float, default=None, help="Give up after this many seconds."
+    )
+    wait.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=None,
+        help="Give up only when the job makes no progress (step or status) for this long.",
     )
     events = add("events", _events, "Print a job's events.")
     events.add_argument("job_id")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -180,6 +181,44 @@ def test_wait_follows_until_the_end(
     else:
         assert "Boom: it broke" in err
     assert "4/4" in err  # the progress bar reached the end
+
+
+def test_wait_gives_up_only_when_the_job_stops_moving(
+    wired: None,
+    secret: str,
+    run_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _, out, _ = _amid(capsys, "jobs", "--api-key", secret, "submit", str(run_file))
+    job_id = out.strip()
+    advance = _advance(job_id, "succeeded")
+    polls = iter(range(100))
+
+    def sleep(seconds: float) -> None:
+        # Two stages of progress 0.3 s apart (longer in all than the 0.5 s idle timeout, which
+        # a moving job never hits), then nothing moves.
+        poll = next(polls)
+        if poll < 2:
+            advance(seconds)
+        time.sleep(0.3)
+
+    monkeypatch.setattr(cli.jobs, "pause", sleep)
+    exit_code, _, err = _amid(
+        capsys,
+        "jobs",
+        "--api-key",
+        secret,
+        "wait",
+        job_id,
+        "--interval",
+        "0",
+        "--idle-timeout",
+        "0.5",
+    )
+    assert exit_code == 1
+    assert "made no progress for 0.5s (still running at step 2)" in err
+    assert "Traceback" not in err
 
 
 def test_events_follow_stops_when_the_job_ends(
