@@ -435,6 +435,8 @@ def render_fuzz(part: Fuzz) -> list[str]:
 
 
 def render_faults(part: Faults | None) -> list[str]:
+    from tests.integration.faults._stack import RELIABILITY_SETTINGS
+
     lines = ["## Faults survived", ""]
     if part is None:
         return [
@@ -448,6 +450,12 @@ def render_faults(part: Faults | None) -> list[str]:
         f"`pytest -m faults` (AMID_REQUIRE_SERVICES=1): {part.tests['passed']} of {total} "
         f"passed, {part.tests['failed']} failed, {part.tests['skipped']} skipped, in "
         f"{part.seconds / 60:.1f} min (exit status {part.exit_code}).",
+        "",
+        "Settings: the shipped defaults (`AMID_HEARTBEAT_SECONDS`, `AMID_STALE_AFTER_SECONDS`, "
+        "`AMID_REAPER_INTERVAL_SECONDS`, `AMID_CANCEL_GRACE_SECONDS`; README, Configuration), "
+        "except "
+        + ", ".join(f"`{name}={value}`" for name, value in RELIABILITY_SETTINGS.items())
+        + ". Timings are on this machine (a 2-core CPU shared with other work, no GPU).",
         "",
     ]
     if part.records:
