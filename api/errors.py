@@ -7,6 +7,7 @@ traceback: an unexpected error is logged here and answered with a bare 500 body.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import re
 from collections.abc import Sequence
@@ -82,11 +83,22 @@ def _describe(err: dict[str, Any]) -> dict[str, Any]:
             message = "a JSON object of job settings is required"
         elif err.get("type") in _NOT_AN_OBJECT:
             message = "must be a JSON object of job settings (sent as application/json)"
+    if err.get("type") == "extra_forbidden":
+        message = _unknown_field(str(err.get("loc", ("",))[-1]))
     return {
         "field": _field(err.get("loc", ()), message),
         "message": message,
         "type": err.get("type"),
     }
+
+
+def _unknown_field(name: str) -> str:
+    """Pydantic's "Extra inputs are not permitted", with the nearest field a typo may have meant."""
+    from api.schemas import request_field_names
+
+    close = difflib.get_close_matches(name, request_field_names(), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown field{hint}"
 
 
 # Starlette types every handler as taking Exception; each is registered for one class only.

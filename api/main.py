@@ -10,7 +10,8 @@ from fastapi import FastAPI
 
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
-from api.routes import health, jobs
+from api.routes import artifacts, files, health, jobs, ui
+from api.routes.docs import install_docs
 
 DESCRIPTION = """
 Submit AMiD knowledge-distillation jobs and follow them: status, progress, events, metrics,
@@ -29,11 +30,18 @@ def create_app() -> FastAPI:
         description=DESCRIPTION,
         # Body parsing errors, 404s and 405s use the same error shape as everything else.
         separate_input_output_schemas=False,
+        # /docs is served from this package's assets (install_docs), not from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(artifacts.router)
+    app.include_router(files.router)
+    app.include_router(ui.router)
+    install_docs(app)
     return app
 
 
