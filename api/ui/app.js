@@ -122,11 +122,16 @@ async function showList() {
     $("#list-error").textContent = page.items.length ? "" : "no jobs match";
   } catch (error) {
     failed(error, "#list-error");
+    if (error instanceof KeyRefused) return;
   }
+  // The list stays current: new jobs appear, running ones move on.
+  stopPolling();
+  timer = setTimeout(showList, POLL_MS);
 }
 
 $("#filters").addEventListener("submit", (event) => {
   event.preventDefault();
+  stopPolling();
   showList();
 });
 
