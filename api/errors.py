@@ -7,7 +7,6 @@ traceback: an unexpected error is logged here and answered with a bare 500 body.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import re
 from collections.abc import Sequence
@@ -20,6 +19,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import AmidError
+from core.suggest import unknown_field
 from store.db import DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
@@ -93,12 +93,10 @@ def _describe(err: dict[str, Any]) -> dict[str, Any]:
 
 
 def _unknown_field(name: str) -> str:
-    """Pydantic's "Extra inputs are not permitted", with the nearest field a typo may have meant."""
-    from api.schemas import request_field_names
+    # The job body is the one request document with nested fields a user types by hand.
+    from api.schemas import JobSubmission
 
-    close = difflib.get_close_matches(name, request_field_names(), n=1, cutoff=0.6)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return f"unknown field{hint}"
+    return unknown_field(name, JobSubmission)
 
 
 # Starlette types every handler as taking Exception; each is registered for one class only.

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-import typing
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -118,22 +116,6 @@ class ErrorOut(BaseModel):
     error: str = Field(description="The error's class name.", examples=["SettingRefused"])
     detail: str = Field(examples=["path is outside the directories this server allows"])
     field: str | None = Field(description="The request field at fault.", examples=["teacher"])
-
-
-@functools.cache
-def request_field_names() -> tuple[str, ...]:
-    """Every field name a job body can hold, at any depth, as a user writes it (aliases too)."""
-    names: set[str] = set()
-    models: list[type[BaseModel]] = [JobSubmission]
-    while models:
-        model = models.pop()
-        for name, info in model.model_fields.items():
-            names.add(info.alias or name)
-            names.add(name)
-            for part in (info.annotation, *typing.get_args(info.annotation)):
-                if isinstance(part, type) and issubclass(part, BaseModel):
-                    models.append(part)
-    return tuple(sorted(names))
 
 
 def job_out(job: Job) -> JobOut:
