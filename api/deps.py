@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, Header
+from fastapi import Depends, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.errors import Unauthorized
@@ -46,22 +47,26 @@ class Caller:
         return None if self.is_admin else self.key_id
 
 
-def _secret(authorization: str | None, x_api_key: str | None) -> str | None:
-    if x_api_key:
+# The two ways to send a key, declared as OpenAPI security schemes so the docs page's Authorize
+# button sends them; neither refuses by itself (auto_error=False): `require_caller` decides.
+BEARER = HTTPBearer(auto_error=False, description="`Authorization: Bearer <key>`")
+API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="`X-API-Key: <key>`")
+
+
+def _secret(bearer: HTTPAuthorizationCredentials | None, x_api_key: str | None) -> str | None:
+    if x_api_key and x_api_key.strip():
         return x_api_key.strip()
-    if authorization:
-        scheme, _, token = authorization.partition(" ")
-        if scheme.lower() == "bearer" and token.strip():
-            return token.strip()
+    if bearer is not None and bearer.credentials.strip():
+        return bearer.credentials.strip()
     return None
 
 
 def require_caller(
     session: SessionDep,
-    authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
-    x_api_key: Annotated[str | None, Header(include_in_schema=False)] = None,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(BEARER)],
+    x_api_key: Annotated[str | None, Security(API_KEY_HEADER)],
 ) -> Caller:
-    secret = _secret(authorization, x_api_key)
+    secret = _secret(bearer, x_api_key)
     if secret is None:
         raise Unauthorized("an API key is required: `Authorization: Bearer <key>` or `X-API-Key`")
     key: ApiKey | None = authenticate(session, secret)

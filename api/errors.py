@@ -20,6 +20,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import AmidError
+from core.suggest import unknown_field
 from store.db import DatabaseUnavailable
 
 logger = logging.getLogger(__name__)
@@ -83,11 +84,20 @@ def _describe(err: dict[str, Any]) -> dict[str, Any]:
             message = "a JSON object of job settings is required"
         elif err.get("type") in _NOT_AN_OBJECT:
             message = "must be a JSON object of job settings (sent as application/json)"
+    if err.get("type") == "extra_forbidden":
+        message = _unknown_field(str(err.get("loc", ("",))[-1]))
     return {
         "field": _field(err.get("loc", ()), message),
         "message": message,
         "type": err.get("type"),
     }
+
+
+def _unknown_field(name: str) -> str:
+    # The job body is the one request document with nested fields a user types by hand.
+    from api.schemas import JobSubmission
+
+    return unknown_field(name, JobSubmission)
 
 
 # Starlette types every handler as taking Exception; each is registered for one class only.

@@ -11,7 +11,8 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
 from api.overload import ConcurrencyLimit, sized_thread_pool
-from api.routes import health, jobs
+from api.routes import artifacts, files, health, jobs, ui
+from api.routes.docs import install_docs
 
 DESCRIPTION = """
 Submit AMiD knowledge-distillation jobs and follow them: status, progress, events, metrics,
@@ -31,6 +32,9 @@ def create_app() -> FastAPI:
         # Body parsing errors, 404s and 405s use the same error shape as everything else.
         separate_input_output_schemas=False,
         lifespan=sized_thread_pool,
+        # /docs is served from this package's assets (install_docs), not from a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit)
@@ -38,6 +42,10 @@ def create_app() -> FastAPI:
     app.add_middleware(ConcurrencyLimit)
     app.include_router(health.router)
     app.include_router(jobs.router)
+    app.include_router(artifacts.router)
+    app.include_router(files.router)
+    app.include_router(ui.router)
+    install_docs(app)
     return app
 
 

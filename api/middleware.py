@@ -10,9 +10,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.errors import BodyTooLarge, error_body
 from store.config import get_config
 
+UPLOAD_PATH = "/v1/files"
+
 
 class BodySizeLimit:
-    """Refuse bodies over `AMID_MAX_BODY_BYTES` with a 413, whether or not they declare a length.
+    """Refuse bodies over `AMID_MAX_BODY_BYTES` (uploads: `AMID_MAX_UPLOAD_BYTES`) with a 413, whether or not they declare a length.
 
     A declared Content-Length is checked up front; a chunked body is counted as it streams in,
     and reading past the limit raises `BodyTooLarge` inside the app's body parsing.
@@ -25,7 +27,10 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = get_config().max_body_bytes
+        config = get_config()
+        # An upload is a file, not a request document: it has its own, larger limit.
+        uploading = scope["path"].rstrip("/") == UPLOAD_PATH
+        limit = config.max_upload_bytes if uploading else config.max_body_bytes
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             body = error_body("RequestTooLarge", f"request body exceeds {limit} bytes", "body")

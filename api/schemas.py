@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, StringConstraints
 
+from core.settings import DistillSettings
 from store.models import Checkpoint, Job, JobEvent, JobMetric
+
+# A tag is a label for filtering, not prose: short, no spaces or quotes.
+Tag = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
+
+
+class JobSubmission(DistillSettings):
+    """A job's body: the run settings of `amid distill`, plus what people call the job."""
+
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description="A name for people; the jobs list filters on it.",
+    )
+    tags: list[Tag] = Field(
+        default_factory=list, max_length=20, description="Labels; the jobs list filters on one."
+    )
+
+    def run_settings(self) -> DistillSettings:
+        """The run settings alone: what is stored, validated and run."""
+        return DistillSettings.model_validate(
+            self.model_dump(by_alias=True, exclude={"name", "tags"})
+        )
 
 
 class Progress(BaseModel):
@@ -24,6 +49,9 @@ class JobError(BaseModel):
 
 class JobOut(BaseModel):
     id: str = Field(examples=["4f1c2e9a0b7d4c3e8f6a5b4c3d2e1f00"])
+    name: str | None
+    tags: list[str]
+    owner: str = Field(description="The id of the API key that submitted the job.")
     status: str = Field(description="queued, running, succeeded, failed or cancelled.")
     created_at: datetime
     started_at: datetime | None
@@ -73,6 +101,7 @@ class MetricSeries(BaseModel):
 class CheckpointOut(BaseModel):
     step: int
     uri: str
+    download_url: str = Field(description="Where this API serves the checkpoint as a tar.gz.")
     sha256: str
     metrics: dict[str, Any]
     best: bool
@@ -98,6 +127,9 @@ def job_out(job: Job) -> JobOut:
         error = JobError(code=job.error_code, message=job.error_message or "")
     return JobOut(
         id=job.id,
+        name=job.name,
+        tags=job.tags or [],
+        owner=job.owner,
         status=job.status,
         created_at=job.created_at,
         started_at=job.started_at,
@@ -130,6 +162,7 @@ def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
     return CheckpointOut(
         step=checkpoint.step,
         uri=checkpoint.uri,
+        download_url=f"/v1/jobs/{checkpoint.job_id}/checkpoints/{checkpoint.step}/archive",
         sha256=checkpoint.sha256,
         metrics=checkpoint.metrics,
         best=checkpoint.is_best,

@@ -13,6 +13,7 @@ from api.schemas import (
     EventPage,
     JobOut,
     JobPage,
+    JobSubmission,
     MetricSeries,
     checkpoint_out,
     event_out,
@@ -21,7 +22,6 @@ from api.schemas import (
 )
 from api.validation import validate_job_settings
 from core.errors import AmidError
-from core.settings import DistillSettings
 from store import jobs
 from store.config import get_config
 from store.keys import lock_key
@@ -57,7 +57,7 @@ def load_job(session: Session, caller: Caller, job_id: str) -> Job:
 def submit_job(
     session: Session,
     caller: Caller,
-    settings: DistillSettings,
+    submission: JobSubmission,
     idempotency_key: str | None,
     enqueue: Enqueue,
 ) -> tuple[JobOut, bool]:
@@ -73,14 +73,24 @@ def submit_job(
             "must be 1 to 255 printable ASCII characters without spaces",
             field="Idempotency-Key",
         )
-    stored = validate_job_settings(session, settings, config, owner=caller.scope)
+    stored = validate_job_settings(session, submission.run_settings(), config, owner=caller.scope)
+
+    def create() -> tuple[Job, bool]:
+        return jobs.create_job(
+            session,
+            stored,
+            caller.key_id,
+            idempotency_key,
+            config.max_attempts,
+            name=submission.name,
+            tags=submission.tags,
+        )
+
     if idempotency_key is not None:
         existing = jobs.find_by_idempotency_key(session, caller.key_id, idempotency_key)
         if existing is not None:
             # A replay answers with the first job even when the queue is now full.
-            job, created = jobs.create_job(
-                session, stored, caller.key_id, idempotency_key, config.max_attempts
-            )
+            job, created = create()
             return job_out(job), created
     lock_key(session, caller.key_id)
     queued = jobs.count_queued(session, caller.key_id)
@@ -89,9 +99,7 @@ def submit_job(
             f"{queued} jobs of this key are already queued (limit {config.max_queued_per_key}); "
             "wait for some to start or cancel them"
         )
-    job, created = jobs.create_job(
-        session, stored, caller.key_id, idempotency_key, config.max_attempts
-    )
+    job, created = create()
     session.commit()
     if created:
         _dispatch(session, job.id, enqueue)
@@ -109,10 +117,23 @@ def _dispatch(session: Session, job_id: str, enqueue: Enqueue) -> None:
 
 
 def list_jobs(
-    session: Session, caller: Caller, *, status: str | None, limit: int, after: str | None
+    session: Session,
+    caller: Caller,
+    *,
+    status: str | None,
+    limit: int,
+    after: str | None,
+    filters: jobs.JobFilters | None = None,
 ) -> JobPage:
     # One row more than asked tells whether another page exists, without a count.
-    rows = jobs.list_jobs(session, owner=caller.scope, status=status, limit=limit + 1, after=after)
+    rows = jobs.list_jobs(
+        session,
+        owner=caller.scope,
+        status=status,
+        limit=limit + 1,
+        after=after,
+        filters=filters,
+    )
     page = rows[:limit]
     next_cursor = jobs.encode_cursor(page[-1]) if len(rows) > limit else None
     return JobPage(items=[job_out(job) for job in page], next_cursor=next_cursor)
@@ -160,3 +181,15 @@ def student_uri(session: Session, caller: Caller, job_id: str) -> str:
     if job.final_uri is None:
         raise StudentNotReady(f"job {job.id} has no final student yet (status {job.status})")
     return job.final_uri
+
+
+class CheckpointNotFound(AmidError):
+    status_code = 404
+
+
+def checkpoint_uri(session: Session, caller: Caller, job_id: str, step: int) -> str:
+    load_job(session, caller, job_id)
+    for checkpoint in jobs.list_checkpoints(session, job_id):
+        if checkpoint.step == step:
+            return checkpoint.uri
+    raise CheckpointNotFound(f"job {job_id} has no checkpoint at step {step}", field="step")

@@ -23,9 +23,12 @@ from sqlalchemy.orm import Session
 from core.data import FILE_SUFFIXES, MissingColumn, parse_row
 from core.datafiles import DataFileRefused, dataset_files, open_data_file
 from core.errors import AmidError
-from core.settings import DistillSettings
+from core.settings import DatasetSettings, DistillSettings
+from store.artifacts import get_artifact_store
 from store.config import ServiceConfig
+from store.files import FILE_REF, FileNotFound, get_file
 from store.jobs import JobNotFound, get_job
+from store.models import UploadedFile
 from store.states import JobStatus
 
 # `name` or `org/name` as the Hugging Face hub spells them: no leading dot, no `..`, one slash.
@@ -36,6 +39,8 @@ _JOB_PREFIX = "job:"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # How much of a local dataset file is read at submission: enough for a first row, never the file.
 DATA_HEAD_BYTES = 1 << 20
+# Settings of a job's own reading of its rows (as opposed to whether the file can be read).
+_JOB_DATA_FIELDS = ("dataset.format", "dataset.fields")
 
 
 class SettingRefused(AmidError):
@@ -88,12 +93,52 @@ def validate_job_settings(
             session, public[name], name, config=config, owner=owner, base=base
         )
     dataset = public["dataset"]
+    if upload_ref := FILE_REF.fullmatch(dataset["source"]):
+        upload = _uploaded(session, upload_ref, "dataset", "dataset.source", owner)
+        _check_uploaded_rows(upload, settings.dataset)
+        return public
     dataset["source"] = _check_source(
         dataset["source"], "dataset.source", config.data_roots, config, base
     )
     if Path(dataset["source"]).is_absolute():  # a checked local path; a hub id never is
-        _check_dataset_head(Path(dataset["source"]), settings, config.data_roots)
+        _check_dataset_head(Path(dataset["source"]), settings.dataset, config.data_roots)
     return public
+
+
+def _uploaded(
+    session: Session, ref: re.Match[str], purpose: str, field: str, owner: str | None
+) -> UploadedFile:
+    """The caller's upload that a `file:<id>` names, of the kind the field takes."""
+    try:
+        upload = get_file(session, ref.group(1), owner)
+    except FileNotFound as exc:
+        raise SettingRefused(f"{ref.group(0)}: no such file", field=field) from exc
+    if upload.purpose != purpose:
+        raise SettingRefused(
+            f"{ref.group(0)} was uploaded as a {upload.purpose}, not a {purpose}", field=field
+        )
+    return upload
+
+
+def _check_uploaded_rows(upload: UploadedFile, dataset: DatasetSettings) -> None:
+    # The file's type and first row were checked at upload; what depends on this job (the
+    # format asked for, the column renames) is checked against the same first row here.
+    if upload.filename.endswith(".parquet"):
+        return
+    head = get_artifact_store().read_head(upload.uri, DATA_HEAD_BYTES)
+    _check_first_row(Path(upload.filename), head.lstrip(), upload.size <= DATA_HEAD_BYTES, dataset)
+
+
+def check_dataset_upload(path: Path, label: str) -> None:
+    """Refuse an uploaded dataset no job could read (its type, emptiness, a first row that is no
+    JSON object); the messages name `label`, not the server's copy. Which format the rows are
+    is a job's question (its `format` and `fields`), checked when a job names the file."""
+    try:
+        _check_dataset_head(path, DatasetSettings(source=label))
+    except SettingRefused as exc:
+        if exc.field in _JOB_DATA_FIELDS:
+            return
+        raise SettingRefused(exc.message.replace(str(path), label), field="body") from exc
 
 
 def _refuse_unstorable(value: Any, where: str) -> None:
@@ -137,6 +182,9 @@ def _check_model(
             raise SettingRefused(
                 f"{source} has no final student (status {job.status})", field=field
             )
+        return source
+    if upload_ref := FILE_REF.fullmatch(source):
+        _uploaded(session, upload_ref, "model", field, owner)
         return source
     return _check_source(source, field, config.model_roots, config, base)
 
@@ -199,11 +247,17 @@ def _under_roots(path: Path, roots: list[Path], field: str) -> Path:
         resolved = path.resolve()
     except RuntimeError as exc:  # a link that leads back to itself (Python < 3.13)
         raise SettingRefused(f"{path.name} is a symbolic link loop", field=field) from exc
+    # The operator's setting that would let the path through, and the user's way round it.
+    setting = "AMID_DATA_ROOTS" if field.startswith("dataset") else "AMID_MODEL_ROOTS"
+    remedy = (
+        f"the server's {setting} lists the allowed directories; or upload it: amid files upload"
+    )
     if not roots:
-        raise SettingRefused("local paths are not allowed on this server", field=field)
+        raise SettingRefused(f"local paths are not allowed on this server ({remedy})", field=field)
     if not any(resolved.is_relative_to(root.expanduser().resolve()) for root in roots):
         raise SettingRefused(
-            "path is outside the directories this server allows for " + field, field=field
+            f"path is outside the directories this server allows for {field} ({remedy})",
+            field=field,
         )
     try:
         exists = resolved.exists()
@@ -215,7 +269,7 @@ def _under_roots(path: Path, roots: list[Path], field: str) -> Path:
     return resolved
 
 
-def _check_dataset_head(source: Path, settings: DistillSettings, roots: list[Path]) -> None:
+def _check_dataset_head(source: Path, dataset: DatasetSettings, roots: list[Path]) -> None:
     """Refuse a local dataset the worker could not read, judged from its first row only.
 
     Every file of a directory must pass the reading rules of `core.datafiles` (a regular file
@@ -250,17 +304,17 @@ def _check_dataset_head(source: Path, settings: DistillSettings, roots: list[Pat
         if not (head.startswith(b"PAR1") and tail == b"PAR1"):
             raise SettingRefused(f"{path} is not a Parquet file", field=field)
         return
-    _check_first_row(path, head.lstrip(), size <= DATA_HEAD_BYTES, settings)
+    _check_first_row(path, head.lstrip(), size <= DATA_HEAD_BYTES, dataset)
 
 
-def _check_first_row(path: Path, head: bytes, whole: bool, settings: DistillSettings) -> None:
+def _check_first_row(path: Path, head: bytes, whole: bool, dataset: DatasetSettings) -> None:
     field = "dataset.source"
     if path.suffix == ".json" and head[:1] not in (b"[", b"{"):
         raise SettingRefused(f"{path} is not JSON (an array of rows, or JSON lines)", field=field)
     line, newline, _ = head.partition(b"\n")
     if path.suffix == ".json" and head[:1] == b"[":
         return  # an array's first element is not cheap to cut out; the worker reports it
-    if not (newline or whole) or settings.dataset.skip_malformed:
+    if not (newline or whole) or dataset.skip_malformed:
         return  # a first line longer than the head, or rows the run is told to skip
     try:
         row = json.loads(line.decode("utf-8"))
@@ -275,13 +329,13 @@ def _check_first_row(path: Path, head: bytes, whole: bool, settings: DistillSett
         return  # {"data": [...]}: rows inside one object
     if not isinstance(row, dict):
         raise SettingRefused(f"the first row of {path.name} is not a JSON object", field=field)
-    _check_row_format(path, row, settings)
+    _check_row_format(path, row, dataset)
 
 
-def _check_row_format(path: Path, row: dict[str, object], settings: DistillSettings) -> None:
+def _check_row_format(path: Path, row: dict[str, object], dataset: DatasetSettings) -> None:
     # The worker's own reading of a row (renames, format detection, required fields).
     try:
-        parse_row(row, settings.dataset, settings.dataset.format, None)
+        parse_row(row, dataset, dataset.format, None)
     except MissingColumn as exc:
         raise SettingRefused(f"first row of {path.name}: {exc}", field="dataset.fields") from exc
     except AmidError as exc:  # no format fits the row's keys

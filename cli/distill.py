@@ -66,10 +66,19 @@ def load_settings(path: Path) -> DistillSettings:
         return DistillSettings.model_validate(data)
     except ValidationError as exc:
         lines = [
-            f"  {'.'.join(str(p) for p in error['loc']) or '(settings)'}: {error['msg']}"
+            f"  {'.'.join(str(p) for p in error['loc']) or '(settings)'}: {_reason(error)}"
             for error in exc.errors()
         ]
         raise SettingsFileError(f"{path}: invalid settings\n" + "\n".join(lines)) from exc
+
+
+def _reason(error: Any) -> str:
+    from core.settings import DistillSettings
+    from core.suggest import unknown_field
+
+    if error["type"] == "extra_forbidden":
+        return unknown_field(str(error["loc"][-1]), DistillSettings)
+    return str(error["msg"])
 
 
 def _progress_callback() -> Any:

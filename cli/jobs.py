@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tarfile
 import tempfile
@@ -48,7 +49,7 @@ class Api:
         except httpx.TransportError as exc:
             raise ClientError(f"cannot reach the API at {self.http.base_url}: {exc}") from exc
         _raise_for_error(response)
-        return response.json()
+        return None if response.status_code == 204 else response.json()
 
     def stream_to(self, path: str, target: Path) -> None:
         try:
@@ -71,7 +72,9 @@ def _raise_for_error(response: httpx.Response) -> None:
     except ValueError:
         raise ClientError(f"HTTP {response.status_code}: {response.text[:200]}") from None
     if isinstance(body, dict) and "detail" in body:
-        raise ClientError(f"{body['detail']} ({body.get('error', response.status_code)})")
+        # A key problem is fixed on the client's side: say where the client reads its key.
+        hint = " (set AMID_API_KEY or pass --api-key)" if response.status_code == 401 else ""
+        raise ClientError(f"{body['detail']} ({body.get('error', response.status_code)}){hint}")
     raise ClientError(f"HTTP {response.status_code}: {body}")
 
 
@@ -90,21 +93,60 @@ def _submit(api: Api, args: argparse.Namespace) -> int:
         raise ClientError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(settings, dict):
         raise ClientError(f"{path} must hold a mapping of run settings")
+    where = _non_finite(settings, "")
+    if where is not None:
+        # JSON has no infinity or NaN (YAML's .inf, .nan): refuse here, naming the field.
+        raise ClientError(f"{where}: must be a finite number (JSON has no infinity or NaN)")
+    if args.name is not None:
+        settings["name"] = args.name
+    if args.tag:
+        settings["tags"] = [*settings.get("tags", []), *args.tag]
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     job = api.request("POST", "/v1/jobs", json=settings, headers=headers)
     print(job["id"])
     return 0
 
 
+def _non_finite(value: Any, where: str) -> str | None:
+    """The path of the first infinite or NaN number in `value`, if any."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return where or "body"
+    children: list[tuple[str, Any]] = []
+    if isinstance(value, dict):
+        children = [(f"{where}.{key}" if where else str(key), item) for key, item in value.items()]
+    elif isinstance(value, list):
+        children = [(where, item) for item in value]
+    for path, item in children:
+        found = _non_finite(item, path)
+        if found is not None:
+            return found
+    return None
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
 def _list(api: Api, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"limit": args.limit}
-    if args.status:
-        params["status"] = args.status
+    for option in ("status", "name", "tag", "owner"):
+        if getattr(args, option):
+            params[option] = getattr(args, option)
     page = api.request("GET", "/v1/jobs", params=params)
+    print(f"{'ID':32}  {'NAME':20}  {'PRESET':7}  {'STATUS':9}  {'PROGRESS':>16}  {'ETA':>7}")
     for job in page["items"]:
         progress = job["progress"]
-        steps = f"{progress['step']}/{progress['total_steps'] or '?'}"
-        print(f"{job['id']}  {job['status']:9}  {steps:>11}  {job['created_at']}")
+        done = f"{progress['step']}/{progress['total_steps'] or '?'}"
+        if progress["fraction"] is not None:
+            done += f" {progress['fraction']:4.0%}"
+        name = (job["name"] or "-")[:20]
+        preset = job["settings"].get("preset") or "-"
+        eta = _eta(progress["eta_seconds"]) if job["status"] == "running" else "-"
+        print(f"{job['id']}  {name:20}  {preset:7}  {job['status']:9}  {done:>16}  {eta:>7}")
     if page["next_cursor"]:
         print("(more: raise --limit, up to 100)", file=sys.stderr)
     return 0
@@ -208,12 +250,40 @@ def _event_pages(api: Api, job_id: str, after: int | None) -> Iterator[dict[str,
         after = page["next_after"]
 
 
+def _metrics(api: Api, args: argparse.Namespace) -> int:
+    from cli.sparkline import sparkline
+
+    params = {"name": args.series} if args.series else {}
+    points = api.request("GET", f"/v1/jobs/{args.job_id}/metrics", params=params)["items"]
+    series: dict[str, list[tuple[int, float | None]]] = {}
+    for point in points:
+        series.setdefault(point["name"], []).append((point["step"], point["value"]))
+    if not series:
+        raise ClientError(
+            f"job {args.job_id} has no metric points"
+            + (f" named {args.series}" if args.series else "")
+        )
+    width = max(len(name) for name in series)
+    for name, values in sorted(series.items()):
+        line = sparkline([value for _, value in values], args.width)
+        last_step, last = values[-1]
+        shown = "null" if last is None else f"{last:.4g}"
+        print(f"{name:{width}}  {line}  {shown} (step {last_step}, {len(values)} points)")
+        if args.series:
+            for step, value in values:
+                print(f"{step}\t{'null' if value is None else value}")
+    return 0
+
+
 def _download(api: Api, args: argparse.Namespace) -> int:
     target = Path(args.output)
     target.mkdir(parents=True, exist_ok=True)
+    source = f"/v1/jobs/{args.job_id}/student"
+    if args.checkpoint is not None:
+        source = f"/v1/jobs/{args.job_id}/checkpoints/{args.checkpoint}/archive"
     with tempfile.TemporaryDirectory(dir=target) as scratch:
-        archive = Path(scratch) / "student.tar.gz"
-        api.stream_to(f"/v1/jobs/{args.job_id}/student", archive)
+        archive = Path(scratch) / "artifact.tar.gz"
+        api.stream_to(source, archive)
         try:
             with tarfile.open(archive, mode="r:gz") as tar:
                 # filter="data": no absolute paths, no `..`, no links out, no device files.
@@ -222,7 +292,7 @@ def _download(api: Api, args: argparse.Namespace) -> int:
         except (tarfile.TarError, OSError) as exc:
             raise ClientError(f"the downloaded archive could not be unpacked: {exc}") from exc
     for name in sorted(top):
-        print(target / name)
+        print((target / name).resolve())
     return 0
 
 
@@ -233,13 +303,13 @@ Handler = Callable[[Api, argparse.Namespace], int]
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser("jobs", help="Submit and follow jobs on the service.")
-    parser.add_argument("--url", help="API URL (default: AMID_URL).")
-    parser.add_argument("--api-key", help="API key (default: AMID_API_KEY).")
+    add_connection_options(parser)
     commands = parser.add_subparsers(dest="jobs_command", required=True)
 
     def add(name: str, handler: Handler, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
-        sub.set_defaults(handler=_runner(handler))
+        add_connection_options(sub, suppress=True)
+        sub.set_defaults(handler=client_command(handler))
         return sub
 
     submit = add("submit", _submit, "Submit a run file (YAML); prints the job id.")
@@ -247,8 +317,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     submit.add_argument(
         "--idempotency-key", help="Resubmitting with the same key never duplicates."
     )
+    submit.add_argument("--name", help="A name for the job (overrides the file's `name`).")
+    submit.add_argument(
+        "--tag", action="append", default=[], help="A tag (repeat for more); adds to `tags`."
+    )
     listing = add("list", _list, "List your jobs, newest first.")
     listing.add_argument("--status", choices=["queued", "running", *sorted(FINISHED)])
+    listing.add_argument("--name", help="Only jobs whose name contains this.")
+    listing.add_argument("--tag", help="Only jobs with this tag.")
+    listing.add_argument("--owner", help="Only jobs of this API key id (admin keys).")
     listing.add_argument("--limit", type=int, default=20, choices=range(1, 101), metavar="N")
     add("get", _get, "Print one job as JSON.").add_argument("job_id")
     add("cancel", _cancel, "Cancel a job.").add_argument("job_id")
@@ -270,12 +347,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--follow", "-f", action="store_true", help="Keep printing until the job ends."
     )
     events.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
-    download = add("download", _download, "Download the final student into a directory.")
+    download = add(
+        "download", _download, "Download the final student (or a checkpoint); prints its path."
+    )
     download.add_argument("job_id")
     download.add_argument("-o", "--output", required=True, help="Directory to unpack into.")
+    download.add_argument(
+        "--checkpoint", type=int, metavar="STEP", help="The checkpoint at this step instead."
+    )
+    metrics = add("metrics", _metrics, "Print a job's metric series with a sparkline.")
+    metrics.add_argument("job_id")
+    metrics.add_argument(
+        "--name", dest="series", metavar="SERIES", help="One series (e.g. train/loss), every point."
+    )
+    metrics.add_argument("--width", type=int, default=50, help="Sparkline characters.")
 
 
-def _runner(handler: Handler) -> Callable[[argparse.Namespace], int]:
+def add_connection_options(parser: argparse.ArgumentParser, *, suppress: bool = False) -> None:
+    """--url and --api-key, before or after the subcommand (`amid jobs --url U list` and
+    `amid jobs list --url U`). On a subcommand they default to nothing at all (SUPPRESS), so
+    they never overwrite a value given before it."""
+    default = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--url", default=default, help="API URL (default: AMID_URL).")
+    parser.add_argument("--api-key", default=default, help="API key (default: AMID_API_KEY).")
+
+
+def client_command(handler: Handler) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         from store.config import get_config
 

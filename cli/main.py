@@ -20,6 +20,7 @@ SUBCOMMANDS: dict[str, str] = {
     "reaper": "cli.reaper",
     "jobs": "cli.jobs",
     "keys": "cli.keys",
+    "files": "cli.files",
 }
 
 

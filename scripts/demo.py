@@ -2,15 +2,20 @@
 
 Starts `amid serve` (SQLite, filesystem queue, local artifacts under .demo/), creates an API key,
 submits examples/demo-job.yaml over the REST API with `amid jobs submit`, follows it with
-`amid jobs wait`, prints the final metrics and where the student is, and stops everything it
-started, also on an error or Ctrl-C.
+`amid jobs wait`, prints the evaluation figures, downloads the student with `amid jobs download`
+and prints its local path, and stops everything it started, also on an error or Ctrl-C.
+
+`--write-readme` also puts the printed report into README.md (between its demo-output markers),
+so the figures the README quotes are the ones this command last produced.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +36,10 @@ READY_TIMEOUT_SECONDS = 120.0
 # when the job has made no progress for this long.
 JOB_IDLE_SECONDS = 300.0
 EVAL_METRICS = ("eval/loss", "eval/rouge_l")
+README = ROOT / "README.md"
+README_BLOCK = re.compile(
+    r"(<!-- demo-output:start -->\n```\n).*?(```\n<!-- demo-output:end -->)", re.S
+)
 
 
 def free_port() -> int:
@@ -94,7 +103,21 @@ def stop(server: subprocess.Popen[bytes]) -> None:
         server.wait(timeout=10)
 
 
+def write_readme(report: list[str]) -> None:
+    """Replace the README's demo-output block with `report`."""
+    text = README.read_text()
+    if not README_BLOCK.search(text):
+        raise RuntimeError("README.md has no demo-output block")
+    block = "".join(line + "\n" for line in report)
+    README.write_text(README_BLOCK.sub(lambda m: m.group(1) + block + m.group(2), text, count=1))
+
+
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--write-readme", action="store_true", help="Put the report into README.md too."
+    )
+    args = parser.parse_args()
     shutil.rmtree(HOME, ignore_errors=True)
     HOME.mkdir(parents=True)
     port = free_port()
@@ -143,11 +166,24 @@ def main() -> int:
             else:
                 print(f"   error: {job.get('error')}")
             return 1
+        # The README shows the report with the run's own id and paths shortened.
+        short = job_id[:4] + "…"
+        report = [f"== job {short}: succeeded"]
         for name, points in sorted(eval_series(url, job_id, env["AMID_API_KEY"]).items()):
             trail = " -> ".join(f"{value:.4f} (step {step})" for step, value in points)
-            print(f"   {name}: {trail}")
-        print(f"== the student: {job['student_uri']}")
-        print("   load it with transformers' AutoModelForCausalLM.from_pretrained(<that path>)")
+            report.append(f"   {name}: {trail}")
+            print(report[-1])
+        output = amid(
+            "jobs", "download", job_id, "-o", str(HOME / "student"), env=env, capture=True
+        )
+        student = Path(output.strip().splitlines()[-1])
+        print(f"== the student: {student}")
+        report.append(f"== the student: {student.relative_to(ROOT)}".replace(job_id, short))
+        print("   load it with transformers' AutoModelForCausalLM.from_pretrained(<that path>);")
+        print("   its README.md is the model card, with the prompt template it was trained on")
+        if args.write_readme:
+            write_readme(report)
+            print(f"== {README.relative_to(ROOT)}: demo figures updated")
         return 0
     except KeyboardInterrupt:
         print("interrupted; stopping the service")

@@ -5,6 +5,7 @@
     jobs/<id>/checkpoints/step-<n>/   a checkpoint directory
     jobs/<id>/final/                  the final student
     jobs/<id>/metrics.jsonl           every metric point of the run
+    jobs/<id>/tensorboard/            the same points as TensorBoard event files
 
 A directory artifact is complete or absent: its files are uploaded first, then a manifest with
 every file's sha256 and size is written last. A directory without its manifest is not an
@@ -67,6 +68,10 @@ def final_key(job_id: str) -> str:
 
 def metrics_key(job_id: str) -> str:
     return f"jobs/{job_id}/metrics.jsonl"
+
+
+def tensorboard_key(job_id: str) -> str:
+    return f"jobs/{job_id}/tensorboard"
 
 
 def _sha256_file(path: Path) -> str:
@@ -164,6 +169,40 @@ class ArtifactStore:
         if fs.exists(f"{path}/{MANIFEST_NAME}"):
             return True
         return bool(fs.isfile(path))
+
+    def read_head(self, uri: str, size: int) -> bytes:
+        """The first `size` bytes of a file artifact (a cheap look, never the whole file)."""
+        fs, path = self._fs(uri)
+        try:
+            with fs.open(path, "rb") as handle:
+                head: bytes = handle.read(size)
+        except FileNotFoundError as exc:
+            raise ArtifactNotFound(f"no file at {uri}") from exc
+        return head
+
+    def download_file(self, uri: str, target: Path, sha256: str) -> Path:
+        """Download a file artifact to `target`, checked against its sha256 (atomic: a
+        half-downloaded file is never seen under the target's name)."""
+        fs, path = self._fs(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        try:
+            fs.get_file(path, str(partial))
+        except FileNotFoundError as exc:
+            raise ArtifactNotFound(f"no file at {uri}") from exc
+        if _sha256_file(partial) != sha256:
+            partial.unlink()
+            raise ArtifactCorrupt(f"{uri} does not match its recorded sha256")
+        partial.rename(target)
+        return target
+
+    def delete(self, uri: str) -> None:
+        """Remove a file or directory artifact (its manifest first: it stops existing at once)."""
+        fs, path = self._fs(uri)
+        if fs.exists(f"{path}/{MANIFEST_NAME}"):
+            fs.rm(f"{path}/{MANIFEST_NAME}")
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
 
     def download_dir(self, uri: str, local_dir: Path) -> Path:
         """Download and verify a directory artifact into `local_dir` (replaced if present)."""

@@ -64,6 +64,9 @@ class ServiceConfig(BaseSettings):
         20, ge=1, description="Jobs one API key may have queued at once."
     )
     max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body accepted.")
+    max_upload_bytes: int = Field(
+        2 * 1024**3, ge=1024, description="Largest file accepted by POST /v1/files."
+    )
     max_attempts: int = Field(3, ge=1, description="Runs of a job before a lost worker fails it.")
     heartbeat_seconds: float = Field(
         1.0, gt=0, description="How often a running worker heartbeats and reads the cancel flag."

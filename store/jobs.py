@@ -127,6 +127,9 @@ def create_job(
     owner: str,
     idempotency_key: str | None,
     max_attempts: int,
+    *,
+    name: str | None = None,
+    tags: Sequence[str] = (),
 ) -> tuple[Job, bool]:
     """A new queued job, or the existing one for the same owner and idempotency key.
 
@@ -150,6 +153,8 @@ def create_job(
         progress_step=0,
         latest_metrics={},
         idempotency_key=idempotency_key,
+        name=name,
+        tags=list(tags),
         created_at=now,
         updated_at=now,
     )
@@ -213,10 +218,38 @@ def list_jobs(
     status: str | None = None,
     limit: int = 50,
     after: str | None = None,
+    filters: JobFilters | None = None,
 ) -> list[Job]:
     """Jobs newest first; `after` is a cursor from `encode_cursor` of the previous page's last job."""
     query = list_jobs_query(owner=owner, status=status, limit=limit, after=after)
+    if filters is not None:
+        query = filters.apply(query)
     return list(session.execute(query).scalars())
+
+
+@dataclass(frozen=True)
+class JobFilters:
+    """What people filter the listing by: part of the name, one tag, the submitting key."""
+
+    name: str | None = None
+    tag: str | None = None
+    owner: str | None = None
+
+    def apply(self, query: sa.Select[Job]) -> sa.Select[Job]:
+        if self.name:
+            query = query.where(Job.name.ilike(f"%{_like_escaped(self.name)}%", escape="\\"))
+        if self.tag:
+            # The tags column is a JSON list of strings: `"tag"` appears in its text exactly when
+            # the tag is in the list (tags cannot hold quotes). One form for JSONB and SQLite.
+            pattern = f'%"{_like_escaped(self.tag)}"%'
+            query = query.where(sa.cast(Job.tags, sa.Text).like(pattern, escape="\\"))
+        if self.owner:
+            query = query.where(Job.owner == self.owner)
+        return query
+
+
+def _like_escaped(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def list_jobs_query(

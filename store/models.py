@@ -93,6 +93,9 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(sa.Text)
     final_uri: Mapped[str | None] = mapped_column(sa.Text)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255))
+    # What people call the job: a free name and labels, both filters of the listing.
+    name: Mapped[str | None] = mapped_column(sa.String(255))
+    tags: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default=sa.text("'[]'"))
     enqueued_at: Mapped[datetime | None]
     # When a worker last took this job's message off the queue. A message sent after that
     # (enqueued_at later) is still outstanding, and the reaper sends no second one.
@@ -156,6 +159,22 @@ class Checkpoint(Base):
     sha256: Mapped[str] = mapped_column(sa.String(64))
     metrics: Mapped[dict[str, Any]] = mapped_column(JSONType, default=dict)
     is_best: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class UploadedFile(Base):
+    """A dataset or a model a key uploaded, named in jobs as `file:<id>`."""
+
+    __tablename__ = "files"
+    __table_args__ = (sa.Index("ix_files_owner_created_at_id", "owner", "created_at", "id"),)
+
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(sa.String(64))
+    purpose: Mapped[str] = mapped_column(sa.String(16))  # dataset | model
+    filename: Mapped[str] = mapped_column(sa.String(255))
+    size: Mapped[int] = mapped_column(sa.BigInteger)
+    sha256: Mapped[str] = mapped_column(sa.String(64))
+    uri: Mapped[str] = mapped_column(sa.Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

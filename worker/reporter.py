@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from core.callbacks import Callback, CheckpointReport, EvalReport, RunInfo, StepReport
+from core.card import StudentCard
 from store import jobs
 from store.artifacts import ArtifactStore, UploadedArtifact, checkpoint_key, metrics_key
 from worker.db_retry import with_session
@@ -51,6 +52,8 @@ class DbReporter(Callback):
         self.cancel_requested = threading.Event()
         self.lease_lost = threading.Event()
         self.checkpoints: list[UploadedArtifact] = []
+        # Set once the data format is known: every checkpoint then carries a card and template.
+        self.card: StudentCard | None = None
 
     # -- run hooks -------------------------------------------------------------------------------
     def on_start(self, info: RunInfo) -> None:
@@ -110,6 +113,8 @@ class DbReporter(Callback):
 
     def on_checkpoint(self, report: CheckpointReport) -> None:
         self.last_progress = time.monotonic()
+        if self.card is not None:
+            self.card.write(report.path, step=report.step, metrics=report.metrics)
         # Upload first, record second: a row always points at a complete artifact.
         uploaded = self.artifacts.upload_dir(report.path, checkpoint_key(self.job_id, report.step))
         self.checkpoints.append(uploaded)

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from core.datafiles import within_roots
 from core.errors import AmidError
 from core.settings import DistillSettings
-from store import jobs
+from store import files, jobs
 from store.artifacts import (
     ArtifactCorrupt,
     ArtifactNotFound,
@@ -29,6 +29,7 @@ from store.config import get_config
 from store.states import JobStatus
 from worker.db_retry import with_session
 from worker.reporter import DbReporter, Heartbeat
+from worker.tensorboard import TensorBoardWriter
 from worker.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,10 @@ class SourceJobNotReady(AmidError):
 
 
 def _resolve_source(source: str, field: str, artifacts: ArtifactStore, cache: Path) -> str:
-    """A `job:<id>` becomes a local copy of that job's final student; anything else is as given."""
+    """A `job:<id>` becomes a local copy of that job's final student, a `file:<id>` a local copy
+    of that upload; anything else is as given."""
+    if upload_ref := files.FILE_REF.fullmatch(source):
+        return str(_local_upload(upload_ref.group(1), artifacts, cache))
     if not source.startswith(JOB_PREFIX):
         return source
     source_id = source.removeprefix(JOB_PREFIX)
@@ -87,6 +91,23 @@ def _resume_point(
 
 def _forget_checkpoint(job_id: str, step: int) -> None:
     with_session(lambda s: jobs.forget_checkpoint(s, job_id, step), what="forget checkpoint")
+
+
+def _local_upload(file_id: str, artifacts: ArtifactStore, cache: Path) -> Path:
+    # Plain values out of the session: its ORM objects expire when it commits.
+    purpose, filename, uri, sha256 = with_session(
+        lambda s: _upload_fields(s, file_id), what="read uploaded file"
+    )
+    local = cache / "files" / file_id
+    if purpose == "model":
+        return local if local.exists() else artifacts.download_dir(uri, local)
+    target = local / filename
+    return target if target.exists() else artifacts.download_file(uri, target, sha256)
+
+
+def _upload_fields(session: Session, file_id: str) -> tuple[str, str, str, str]:
+    upload = files.get_file(session, file_id)
+    return upload.purpose, upload.filename, upload.uri, upload.sha256
 
 
 def _attempt_and_settings(session: Session, job_id: str) -> tuple[int, dict[str, Any]]:
@@ -134,6 +155,7 @@ def run_job(job_id: str, worker_id: str) -> str:
 
 def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> str:
     # Heavy imports here: the worker's parent process never loads torch or touches CUDA.
+    from core.card import StudentCard
     from core.data import check_dataset
     from core.models import check_tokenizers
     from core.train import distill
@@ -148,19 +170,33 @@ def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> s
         update={
             "teacher": _resolve_source(settings.teacher, "teacher", artifacts, cache),
             "student": _resolve_source(settings.student, "student", artifacts, cache),
+            "dataset": settings.dataset.model_copy(
+                update={
+                    "source": _resolve_source(
+                        settings.dataset.source, "dataset.source", artifacts, cache
+                    )
+                }
+            ),
         }
     )
     # Cheap before expensive: two tokenizers, not two models, decide a mismatched pair; the
     # dataset's first rows decide whether it can be read at all (a hub dataset, or a bad row
     # the submission's one-row check could not see), all before the models take the GPU.
     check_tokenizers(settings.teacher, settings.student, settings.trust_remote_code)
-    check_dataset(settings.dataset)
+    data_format = check_dataset(settings.dataset)
+    card = StudentCard(job_id=job_id, settings=stored, data_format=data_format)
+    reporter.card = card
 
     resume_from = None
     if attempt > 1:
         resume_from = _resume_point(job_id, artifacts, work_dir / "resume", reporter)
-    result = distill(settings, work_dir / "run", callbacks=[reporter], resume_from=resume_from)
+
+    tensorboard = TensorBoardWriter(work_dir / "tensorboard")
+    result = distill(
+        settings, work_dir / "run", callbacks=[reporter, tensorboard], resume_from=resume_from
+    )
     reporter.upload_metrics()
+    tensorboard.upload(artifacts, job_id)
 
     if reporter.lease_lost.is_set():
         # Someone else owns the job now (the reaper re-queued it): record nothing over them.
@@ -172,6 +208,7 @@ def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> s
             what="record cancel",
         )
         return JobStatus.CANCELLED.value
+    card.write(result.final_path, step=result.steps_done, metrics=result.final_metrics)
     final = artifacts.upload_dir(result.final_path, final_key(job_id))
     with_session(
         lambda s: jobs.finish_job(s, job_id, worker_id, JobStatus.SUCCEEDED, final_uri=final.uri),

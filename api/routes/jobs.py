@@ -10,17 +10,18 @@ from pydantic import ValidatorFunctionWrapHandler, WrapValidator
 
 from api import service
 from api.deps import CallerDep, EnqueueDep, SessionDep
+from api.downloads import stream_artifact
 from api.schemas import (
     CheckpointList,
     ErrorOut,
     EventPage,
     JobOut,
     JobPage,
+    JobSubmission,
     MetricSeries,
     job_out,
 )
-from core.settings import DistillSettings
-from store.artifacts import ArtifactNotFound, get_artifact_store
+from store.jobs import JobFilters
 from store.states import JobStatus
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -60,16 +61,16 @@ SUBMIT_EXAMPLES = {
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
 
 
-def _exact_json_types(value: Any, _: ValidatorFunctionWrapHandler) -> DistillSettings:
+def _exact_json_types(value: Any, _: ValidatorFunctionWrapHandler) -> JobSubmission:
     # A JSON body is typed exactly as the OpenAPI schema says: "8" is not an integer, 0 is not
     # a boolean. Pydantic's lax mode would coerce them (and silently accept what the schema
     # refuses); the model stays lax for YAML settings files, where `5e-4` parses as a string.
-    if isinstance(value, DistillSettings):
+    if isinstance(value, JobSubmission):
         return value
-    return DistillSettings.model_validate(value, strict=True)
+    return JobSubmission.model_validate(value, strict=True)
 
 
-JobRequest = Annotated[DistillSettings, WrapValidator(_exact_json_types)]
+JobRequest = Annotated[JobSubmission, WrapValidator(_exact_json_types)]
 
 JobId = Annotated[str, "a job id (32 hex characters)"]
 
@@ -111,6 +112,7 @@ def submit_job(
 
 @router.get("", response_model=JobPage, summary="List jobs, newest first")
 def list_jobs(
+    *,
     session: SessionDep,
     caller: CallerDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -118,9 +120,22 @@ def list_jobs(
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
     ] = None,
     status: Annotated[JobStatus | None, Query(description="Only jobs in this state.")] = None,
+    name: Annotated[
+        str | None,
+        Query(max_length=255, pattern=r"^[^\x00-\x1f\x7f]*$", description="Part of the name."),
+    ] = None,
+    tag: Annotated[str | None, Query(max_length=64, description="Jobs with this tag.")] = None,
+    owner: Annotated[
+        str | None, Query(max_length=64, description="Jobs of this API key id (admins).")
+    ] = None,
 ) -> JobPage:
     return service.list_jobs(
-        session, caller, status=status.value if status else None, limit=limit, after=after
+        session,
+        caller,
+        status=status.value if status else None,
+        limit=limit,
+        after=after,
+        filters=JobFilters(name=name, tag=tag, owner=owner),
     )
 
 
@@ -193,12 +208,4 @@ def download_student(session: SessionDep, caller: CallerDep, job_id: JobId) -> S
     uri = service.student_uri(session, caller, job_id)
     # End the transaction before a stream that may last minutes (on SQLite it holds the lock).
     session.close()
-    store = get_artifact_store()
-    # Checked before streaming: once bytes are on the wire, an error can no longer be a 4xx.
-    if not store.exists(uri):
-        raise ArtifactNotFound(f"the student of job {job_id} is missing from artifact storage")
-    return StreamingResponse(
-        store.iter_archive(uri, prefix=f"student-{job_id}"),
-        media_type="application/gzip",
-        headers={"Content-Disposition": f'attachment; filename="student-{job_id}.tar.gz"'},
-    )
+    return stream_artifact(uri, f"student-{job_id}")

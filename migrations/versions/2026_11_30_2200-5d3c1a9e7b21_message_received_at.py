@@ -2,7 +2,7 @@
 outstanding message from a lost one and never piles up a second.
 
 Revision ID: 5d3c1a9e7b21
-Revises: e1b0ba0af46c
+Revises: 5c2f7a9d1e34
 Create Date: 2026-11-30 22:00:00.000000+00:00
 """
 
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "5d3c1a9e7b21"
-down_revision: str | Sequence[str] | None = "e1b0ba0af46c"
+down_revision: str | Sequence[str] | None = "5c2f7a9d1e34"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

@@ -73,3 +73,27 @@ def test_presets_table_matches_the_presets() -> None:
             preset.anchor,
             preset.description,
         ), name
+
+
+def test_the_demo_figures_are_the_block_the_demo_script_writes(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "demo_script", Path(__file__).resolve().parents[2] / "scripts" / "demo.py"
+    )
+    assert spec is not None and spec.loader is not None
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    # The README quotes the demo's figures in one block, the one the script rewrites.
+    assert len(demo.README_BLOCK.findall(README)) == 1
+    copy = tmp_path / "README.md"
+    copy.write_text(README)
+    monkeypatch.setattr(demo, "README", copy)
+    demo.write_readme(["== job abcd…: succeeded", "   eval/rouge_l: 0.5000 (step 800)"])
+    written = copy.read_text()
+    assert "   eval/rouge_l: 0.5000 (step 800)\n```\n<!-- demo-output:end -->" in written
+    assert written.replace(demo.README_BLOCK.search(written).group(0), "") == README.replace(
+        demo.README_BLOCK.search(README).group(0), ""
+    )

@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 
+import cli.jobs
 from api.deps import get_enqueue
 from api.main import create_app
 from store.config import get_config
@@ -102,3 +104,41 @@ def db(app_env: None) -> Iterator[Session]:
     """A separate session for checking what the API committed."""
     with get_sessionmaker()() as session:
         yield session
+
+
+# -- the `amid` client against the app in-process ----------------------------------------------
+
+MakeKey = Callable[..., dict[str, str]]
+RUN_YAML = """\
+teacher: gpt2
+student: distilgpt2
+dataset: data/train.jsonl
+preset: amid
+max_steps: 4
+"""
+
+
+@pytest.fixture
+def secret(make_key: MakeKey) -> str:
+    return make_key()["Authorization"].removeprefix("Bearer ")
+
+
+@pytest.fixture
+def wired(app_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Point the client's HTTP seam at the app in-process, keeping its auth headers."""
+    app = create_app()
+    app.dependency_overrides[get_enqueue] = lambda: lambda job_id: None
+
+    def make(url: str, api_key: str | None) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        return TestClient(app, base_url=url, headers=headers, raise_server_exceptions=False)
+
+    monkeypatch.setattr(cli.jobs, "make_http_client", make)
+    yield
+
+
+@pytest.fixture
+def run_file(tmp_path: Path) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(RUN_YAML)
+    return path

@@ -4,63 +4,20 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import pytest
-from fastapi.testclient import TestClient
 
 import cli.jobs
-from api.deps import get_enqueue
-from api.main import create_app
-from cli.main import main
 from store import jobs
 from store.artifacts import final_key, get_artifact_store
 from store.db import session_scope
+from tests.integration.api._client import run_amid as _amid
 
 pytestmark = pytest.mark.integration
 
 MakeKey = Callable[..., dict[str, str]]
-RUN_YAML = """\
-teacher: gpt2
-student: distilgpt2
-dataset: data/train.jsonl
-preset: amid
-max_steps: 4
-"""
-
-
-@pytest.fixture
-def secret(make_key: MakeKey) -> str:
-    return make_key()["Authorization"].removeprefix("Bearer ")
-
-
-@pytest.fixture
-def wired(app_env: None, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Point the client's HTTP seam at the app in-process, keeping its auth headers."""
-    app = create_app()
-    app.dependency_overrides[get_enqueue] = lambda: lambda job_id: None
-
-    def make(url: str, api_key: str | None) -> httpx.Client:
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        return TestClient(app, base_url=url, headers=headers, raise_server_exceptions=False)
-
-    monkeypatch.setattr(cli.jobs, "make_http_client", make)
-    yield
-
-
-@pytest.fixture
-def run_file(tmp_path: Path) -> Path:
-    path = tmp_path / "run.yaml"
-    path.write_text(RUN_YAML)
-    return path
-
-
-def _amid(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_submit_get_list_cancel(
@@ -90,10 +47,10 @@ def test_submit_get_list_cancel(
 
 
 def test_api_errors_print_the_field_and_exit_non_zero(
-    wired: None, secret: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    wired: None, secret: str, run_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(RUN_YAML + "lambda: 2\n")
+    bad.write_text(run_file.read_text() + "lambda: 2\n")
     code, out, err = _amid(capsys, "jobs", "--api-key", secret, "submit", str(bad))
     assert code == 1 and out == ""
     assert err.startswith("error: lambda: ") and "Traceback" not in err

@@ -340,7 +340,16 @@ def test_events_metrics_and_checkpoints(client: TestClient, make_key: MakeKey) -
 
     checkpoints = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=headers).json()["items"]
     assert [(c["step"], c["best"]) for c in checkpoints] == [(5, True), (10, False)]
-    assert set(checkpoints[0]) == {"step", "uri", "sha256", "metrics", "best", "created_at"}
+    assert set(checkpoints[0]) == {
+        "step",
+        "uri",
+        "download_url",
+        "sha256",
+        "metrics",
+        "best",
+        "created_at",
+    }
+    assert checkpoints[0]["download_url"] == f"/v1/jobs/{job_id}/checkpoints/5/archive"
 
 
 def test_student_download_streams_the_final_directory(

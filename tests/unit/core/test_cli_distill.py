@@ -68,7 +68,10 @@ def test_distill_runs_a_small_config_end_to_end(
     ("content", "expected"),
     [
         ("teacher: t\nstudent: s\ndataset: d.jsonl\nlambda: 2\n", "lambda: Input should be less"),
-        ("teacher: t\nstudent: s\ndataset: d.jsonl\nbatch_sise: 4\n", "batch_sise: Extra inputs"),
+        (
+            "teacher: t\nstudent: s\ndataset: d.jsonl\nbatch_sise: 4\n",
+            "batch_sise: unknown field; did you mean 'batch_size'?",
+        ),
         ("teacher: t\ndataset: d.jsonl\n", "student: Field required"),
         ("- just\n- a list\n", "expected a mapping"),
     ],
