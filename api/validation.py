@@ -134,7 +134,8 @@ def check_dataset_upload(path: Path, label: str) -> None:
     JSON object); the messages name `label`, not the server's copy. Which format the rows are
     is a job's question (its `format` and `fields`), checked when a job names the file."""
     try:
-        _check_dataset_head(path, DatasetSettings(source=label))
+        # The server's own copy of the upload: its folder is the only root it may be read from.
+        _check_dataset_head(path, DatasetSettings(source=label), [path.parent])
     except SettingRefused as exc:
         if exc.field in _JOB_DATA_FIELDS:
             return
