@@ -2,8 +2,9 @@
 
 Starts `amid serve` (SQLite, filesystem queue, local artifacts under .demo/), creates an API key,
 submits examples/demo-job.yaml over the REST API with `amid jobs submit`, follows it with
-`amid jobs wait`, prints the final metrics and where the student is, and stops everything it
-started, also on an error or Ctrl-C.
+`amid jobs wait`, prints the final metrics, how the recommended recipe it runs compares with plain
+KD (the quality benchmark's table in BENCHMARKS.md) and where the student is, and stops
+everything it started, also on an error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ DEMO_KIT = ROOT / "core" / "demo"
 READY_TIMEOUT_SECONDS = 120.0
 JOB_TIMEOUT_SECONDS = 480.0
 EVAL_METRICS = ("eval/loss", "eval/rouge_l")
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+UNTRAINED_TABLE = "### From the untrained student"
 
 
 def free_port() -> int:
@@ -78,6 +81,18 @@ def eval_series(url: str, job_id: str, key: str) -> dict[str, list[tuple[int, fl
             points = json.load(response)["items"]
         series[name] = [(p["step"], p["value"]) for p in points if p["value"] is not None]
     return series
+
+
+def comparison_with_kd(preset: str) -> list[str]:
+    """The rows of KD and `preset` from the quality benchmark's untrained-student table."""
+    text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.exists() else ""
+    start = text.find(UNTRAINED_TABLE)
+    if start == -1:
+        return []
+    section = text[start:].split("\n\n", 2)
+    rows = section[2].split("\n\n", 1)[0].splitlines() if len(section) > 2 else []
+    header = rows[:1]
+    return header + [r for r in rows if r.startswith((f"| `{preset}` ", "| `kd` "))]
 
 
 def stop(server: subprocess.Popen[bytes]) -> None:
@@ -138,6 +153,11 @@ def main() -> int:
         for name, points in sorted(eval_series(url, job_id, env["AMID_API_KEY"]).items()):
             trail = " -> ".join(f"{value:.4f} (step {step})" for step, value in points)
             print(f"   {name}: {trail}")
+        preset = job["settings"]["preset"]
+        rows = comparison_with_kd(preset)
+        if rows:
+            print(f"== {preset} against plain KD from an untrained student (BENCHMARKS.md):")
+            print("\n".join(f"   {row}" for row in rows))
         print(f"== the student: {job['student_uri']}")
         print("   load it with transformers' AutoModelForCausalLM.from_pretrained(<that path>)")
         return 0
