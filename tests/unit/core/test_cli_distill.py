@@ -95,6 +95,7 @@ def test_refused_model_pair_exits_2_without_traceback(
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow
 def test_distill_runs_the_recipe_an_sft_run_then_every_part(
     tmp_path: Path, save_model: Callable[..., Path]
 ) -> None:
