@@ -90,8 +90,9 @@ def comparison_with_kd(preset: str) -> list[str]:
     start = text.find(QUALITY_TABLE)
     if start == -1:
         return []
-    section = text[start:].split("\n\n", 2)
-    rows = section[2].split("\n\n", 1)[0].splitlines() if len(section) > 2 else []
+    # The heading, a blank line, then the table up to the next blank line.
+    parts = text[start:].split("\n\n", 2)
+    rows = parts[1].splitlines() if len(parts) > 1 else []
     header = rows[:1]
     return header + [r for r in rows if r.startswith((f"| `{preset}` ", "| `kd` "))]
 
