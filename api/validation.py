@@ -89,9 +89,10 @@ def validate_job_settings(
         )
     base = cwd or Path.cwd()
     for name in ("teacher", "student"):
-        public[name] = _check_model(
-            session, public[name], name, config=config, owner=owner, base=base
-        )
+        if public[name] is not None:  # an SFT job has no teacher
+            public[name] = _check_model(
+                session, public[name], name, config=config, owner=owner, base=base
+            )
     dataset = public["dataset"]
     if upload_ref := FILE_REF.fullmatch(dataset["source"]):
         upload = _uploaded(session, upload_ref, "dataset", "dataset.source", owner)
@@ -102,6 +103,15 @@ def validate_job_settings(
     )
     if Path(dataset["source"]).is_absolute():  # a checked local path; a hub id never is
         _check_dataset_head(Path(dataset["source"]), settings.dataset, config.data_roots)
+    # The other data a job reads passes the same rules as its training data.
+    for name, extra in public["eval_datasets"].items():
+        extra["source"] = _check_source(
+            extra["source"], f"eval_datasets.{name}.source", config.data_roots, config, base
+        )
+    if public["lm_dataset"] is not None:
+        public["lm_dataset"] = _check_local_source(
+            public["lm_dataset"], "lm_dataset", config.data_roots, base
+        )
     return public
 
 
@@ -211,6 +221,12 @@ def _check_source(
             field=field,
         )
     return source
+
+
+def _check_local_source(source: str, field: str, roots: list[Path], base: Path) -> str:
+    """A local file under `roots`, returned resolved (no hub id is accepted here)."""
+    path, _ = _as_path(source, field, base)
+    return str(_under_roots(path, roots, field))
 
 
 def _as_path(source: str, field: str, base: Path) -> tuple[Path, bool]:

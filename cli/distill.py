@@ -1,7 +1,7 @@
 """`amid distill run.yaml`: run a distillation locally, with a progress bar, no service needed.
 
-Relative paths in the settings file (teacher, student, dataset) are read from the current
-directory, as any command-line tool reads them.
+Relative paths in the settings file (teacher, student, dataset, lm_dataset, eval_datasets) are
+read from the current directory, as any command-line tool reads them.
 """
 
 from __future__ import annotations
@@ -103,9 +103,11 @@ def _progress_callback() -> Any:
         def on_step(self, report: StepReport) -> None:
             if self.bar is not None:
                 self.bar.update(report.step - self.bar.n)
+                # An init (SFT) phase reports init/loss, the distillation train/loss.
+                phase = "init" if "init/loss" in report.metrics else "train"
                 self.bar.set_postfix(
-                    loss=f"{report.metrics['train/loss']:.4f}",
-                    lr=f"{report.metrics['train/lr']:.2e}",
+                    loss=f"{report.metrics[f'{phase}/loss']:.4f}",
+                    lr=f"{report.metrics[f'{phase}/lr']:.2e}",
                 )
 
         def on_eval(self, report: EvalReport) -> None:
@@ -123,13 +125,15 @@ def _progress_callback() -> Any:
     return Progress()
 
 
-def _summary(result: RunResult, output: Path) -> str:
+def _summary(result: RunResult, output: Path, settings: DistillSettings) -> str:
     lines = [f"{result.status} after {result.steps_done} steps; output in {output}"]
     for name in ("eval/rouge_l", "eval/loss", "train/loss"):
         if name in result.final_metrics:
             lines.append(f"  {name}: {result.final_metrics[name]:.4f}")
     if result.best_step is not None:
-        lines.append(f"  best checkpoint (eval/rouge_l): step {result.best_step}")
+        metric = settings.select_best or "eval/rouge_l"
+        kept = "the final student" if settings.select_best else "best checkpoint"
+        lines.append(f"  {kept} ({metric}): step {result.best_step}")
     if result.final_path is not None:
         lines.append(f"  student: {result.final_path}")
     return "\n".join(lines)
@@ -159,5 +163,5 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("amid distill: interrupted", file=sys.stderr)
         return 130
-    print(_summary(result, output))
+    print(_summary(result, output, settings))
     return 0

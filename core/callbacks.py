@@ -44,7 +44,7 @@ class CheckpointReport:
     step: int
     path: Path  # a complete checkpoint directory: weights, tokenizer, training state, settings
     metrics: dict[str, float]
-    is_best: bool  # best eval/rouge_l so far
+    is_best: bool  # best eval/rouge_l (or the run's select_best metric) so far
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,9 @@ class Callback:
 
     def on_eval(self, report: EvalReport) -> None:
         """After every evaluation."""
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
+        """Measures taken outside a step or an evaluation (the pre-flight, the best step)."""
 
     def on_checkpoint(self, report: CheckpointReport) -> None:
         """After a checkpoint directory is completely written."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,6 +42,8 @@ class TrainingState:
     position: DataPosition
     best_metric: float | None
     best_step: int | None
+    # Run parts with state of their own (the LM stream, the replay buffer, adaptive knobs).
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def checkpoint_dir(output_dir: Path, step: int) -> Path:
@@ -119,6 +121,7 @@ def save_checkpoint(
             "position": [state.position.epoch, state.position.index],
             "best_metric": state.best_metric,
             "best_step": state.best_step,
+            "extra": state.extra,
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
@@ -163,4 +166,5 @@ def load_training_state(
         position=DataPosition(int(epoch), int(index)),
         best_metric=saved["best_metric"],
         best_step=saved["best_step"],
+        extra=saved.get("extra", {}),
     )

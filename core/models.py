@@ -189,7 +189,7 @@ def plan_vocab(teacher_width: int, student_width: int, tokenizer_size: int) -> V
 
 @dataclass
 class ModelPair:
-    teacher: PreTrainedModel
+    teacher: PreTrainedModel | None  # None for an SFT run
     student: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     vocab: VocabPlan
@@ -197,31 +197,44 @@ class ModelPair:
 
 
 def load_pair(
-    teacher_source: str,
+    teacher_source: str | None,
     student_source: str,
     *,
     device: torch.device,
     precision: str = "auto",
     trust_remote_code: bool = False,
 ) -> ModelPair:
-    """Teacher (frozen, in the compute dtype) and student (fp32 master weights) on `device`."""
-    tokenizer = check_tokenizers(teacher_source, student_source, trust_remote_code)
+    """Teacher (frozen, in the compute dtype) and student (fp32 master weights) on `device`.
+
+    Without a teacher source (an SFT run) only the student and its tokenizer are loaded.
+    """
+    if teacher_source is None:
+        tokenizer = load_tokenizer(student_source, trust_remote_code=trust_remote_code)
+    else:
+        tokenizer = check_tokenizers(teacher_source, student_source, trust_remote_code)
     compute_dtype = resolve_precision(precision, device)
-    # The teacher only runs forward, so it is stored in the compute dtype: half the memory of
-    # fp32 in bf16. The student keeps fp32 weights for AdamW's small updates; autocast gives
-    # its matmuls the compute dtype.
-    teacher = freeze(
-        load_model(
-            teacher_source, dtype=compute_dtype, trust_remote_code=trust_remote_code, role="teacher"
+    teacher = None
+    if teacher_source is not None:
+        # The teacher only runs forward, so it is stored in the compute dtype: half the memory
+        # of fp32 in bf16. The student keeps fp32 weights for AdamW's small updates; autocast
+        # gives its matmuls the compute dtype.
+        teacher = freeze(
+            load_model(
+                teacher_source,
+                dtype=compute_dtype,
+                trust_remote_code=trust_remote_code,
+                role="teacher",
+            )
         )
-    )
-    # transformers types `.to` through a decorator that mypy reads as taking the model itself.
-    teacher.to(device)  # type: ignore[arg-type]
+        # transformers types `.to` through a decorator that mypy reads as taking the model.
+        teacher.to(device)  # type: ignore[arg-type]
     student = load_model(
         student_source, dtype=torch.float32, trust_remote_code=trust_remote_code, role="student"
     )
     student.to(device)  # type: ignore[arg-type]
-    vocab = plan_vocab(logits_width(teacher), logits_width(student), len(tokenizer))
+    student_width = logits_width(student)
+    teacher_width = student_width if teacher is None else logits_width(teacher)
+    vocab = plan_vocab(teacher_width, student_width, len(tokenizer))
     if tokenizer.pad_token is None:
         # Batches need a filler id; EOS is the usual choice and is never labelled as padding.
         tokenizer.pad_token = tokenizer.eos_token

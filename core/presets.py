@@ -31,6 +31,10 @@ class LossPreset:
     ab_alpha: float = 0.2
     ab_beta: float = 0.7
     description: str = ""
+    # When set, α starts here and moves to `alpha` as the student earns it (an adaptive schedule).
+    adaptive_alpha_start: float | None = None
+    # A run of this preset refuses a student the pre-flight finds too far from the teacher.
+    refuses_far_student: bool = False
 
     def loss_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `core.losses.amid_loss` that this preset fixes."""
@@ -56,4 +60,15 @@ PRESETS: dict[str, LossPreset] = {
     ),
     # The paper's strongest setting on GPT-2 / Dolly.
     "amid": LossPreset(-5.0, 0.1, "ab", "teacher", description="AMiD: α=−5, λ=0.1, D_AB^(0.2,0.7)"),
+    # The paper's setting with α moved by the student's progress: α starts at 0.5, where a
+    # student far from the teacher still gets gradient, and reaches −5 as w rises (README).
+    "amid-auto": LossPreset(
+        -5.0,
+        0.1,
+        "ab",
+        "teacher",
+        adaptive_alpha_start=0.5,
+        refuses_far_student=True,
+        description="AMiD with adaptive α: 0.5 → −5 as the assistant's weight on the student rises",
+    ),
 }

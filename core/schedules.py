@@ -9,8 +9,11 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-ScheduleKind = Literal["constant", "linear", "cosine"]
+ScheduleKind = Literal["constant", "linear", "cosine", "adaptive"]
 SCHEDULE_KINDS: tuple[str, ...] = ("constant", "linear", "cosine")
+# `adaptive` (α only) is not a function of the step: `core.alpha_control` moves it from what the
+# run measures.
+ADAPTIVE = "adaptive"
 
 
 def schedule_value(kind: str, start: float, end: float, step: int, total_steps: int) -> float:

@@ -27,7 +27,15 @@ from core.presets import (
     Anchor,
     Divergence,
 )
-from core.schedules import ScheduleKind
+from core.recipe_settings import (
+    MINIMISED_METRICS,
+    SELECTABLE_METRICS,
+    EvalSettings,
+    InitSettings,
+    RunKind,
+    StudentOutputSettings,
+)
+from core.schedules import ADAPTIVE, ScheduleKind
 
 DataFormat = Literal["auto", "dolly", "alpaca", "prompt_response", "messages"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
@@ -111,9 +119,24 @@ DatasetField = Annotated[
 
 
 class ScheduleSettings(_Strict):
-    kind: ScheduleKind = Field("constant", description="constant, linear or cosine.")
+    kind: ScheduleKind = Field(
+        "constant",
+        description=(
+            "constant, linear or cosine; adaptive (α only): from `start` toward `end` as the "
+            "assistant's weight on the student rises (see w_ready)."
+        ),
+    )
     start: Alpha = Field(description="Value at the first step.")
     end: Alpha | None = Field(None, description="Value at the last step (defaults to start).")
+    w_ready: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description=(
+            "adaptive only: the median weight w the assistant gives the student at the teacher's "
+            "top token (under α = end) at which α reaches `end`."
+        ),
+    )
 
     @property
     def end_value(self) -> float:
@@ -139,8 +162,20 @@ class DistillSettings(_Strict):
     """Everything one distillation run needs."""
 
     # -- models and data -----------------------------------------------------------------------
-    teacher: str = Field(
-        description="Teacher model: a hub id, a local directory, or `job:<id>` (an earlier job's student).",
+    kind: RunKind = Field(
+        "distill",
+        description=(
+            "distill (teacher → student), or sft: cross-entropy on the reference responses only "
+            "(a teacher is optional and only measured against); its final student can start a "
+            "later job as `job:<id>`."
+        ),
+    )
+    teacher: str | None = Field(
+        None,
+        description=(
+            "Teacher model: a hub id, a local directory, or `job:<id>` (an earlier job's "
+            "student). Required unless kind is sft."
+        ),
         examples=["gpt2-xl"],
         min_length=1,
     )
@@ -257,7 +292,56 @@ class DistillSettings(_Strict):
         "auto", description="auto = bf16 on CUDA, fp32 on CPU; the loss is fp32 inside regardless."
     )
 
+    # -- the recipe around the loss (the paper's official runs) -----------------------------------
+    init: InitSettings | None = Field(
+        None, description="Fine-tune the student on the references first, in the same job."
+    )
+    student_outputs: StudentOutputSettings | None = Field(
+        None,
+        description="Train on responses the student samples, scored by the teacher (on-policy).",
+    )
+    lm_dataset: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "Pretraining text for a language-modelling term at every step: a .txt file (one "
+            "document per blank-line-separated block) or JSONL with a `text` field."
+        ),
+    )
+    lm_weight: float = Field(1.0, ge=0.0, description="Weight of the LM term (the paper: 1).")
+    select_best: str | None = Field(
+        None,
+        description=(
+            f"Make the best-evaluated checkpoint by this metric the final student "
+            f"({', '.join(SELECTABLE_METRICS)}; the loss and KL are minimised)."
+        ),
+    )
+    preflight_action: Literal["warn", "refuse"] = Field(
+        "warn",
+        description=(
+            "When the pre-flight finds the student too far from the teacher for α: always warn "
+            "(median w below 0.1) in an event and the job record; `refuse` also stops a run whose "
+            "median w is below 0.01 (the job fails with StudentTooFar). amid-auto refuses."
+        ),
+    )
+    preflight_batches: NonNegativeInt = Field(
+        4,
+        description=(
+            "Batches measured before training (median assistant weight w on the student, "
+            "teacher–student KL); 0 skips the pre-flight."
+        ),
+    )
+
     # -- evaluation and checkpoints --------------------------------------------------------------
+    evaluation: EvalSettings = Field(
+        default_factory=EvalSettings, description="Sampling seeds, greedy decoding, teacher KL."
+    )
+    eval_datasets: dict[str, DatasetField] = Field(
+        default_factory=dict,
+        description=(
+            "More evaluation sets, by name: each gives its own series (eval/<name>/rouge_l, ...)."
+        ),
+    )
     eval_interval: NonNegativeInt = Field(
         0, description="Evaluate every N steps (0 = only at the end)."
     )
@@ -289,7 +373,7 @@ class DistillSettings(_Strict):
             return data
         preset = PRESETS[name]
         given = set(data)
-        defaults = {
+        defaults: dict[str, Any] = {
             "alpha": preset.alpha,
             "lambda": preset.lam,
             "divergence": preset.divergence,
@@ -297,6 +381,14 @@ class DistillSettings(_Strict):
             "ab_alpha": preset.ab_alpha,
             "ab_beta": preset.ab_beta,
         }
+        if preset.refuses_far_student:
+            defaults["preflight_action"] = "refuse"
+        if preset.adaptive_alpha_start is not None:
+            defaults["alpha_schedule"] = {
+                "kind": ADAPTIVE,
+                "start": preset.adaptive_alpha_start,
+                "end": data.get("alpha", preset.alpha),
+            }
         for key, value in defaults.items():
             if key not in given and not (key == "lambda" and "lam" in given):
                 data[key] = value
@@ -308,6 +400,29 @@ class DistillSettings(_Strict):
         if value is not None and value not in PRESETS:
             raise ValueError(f"unknown preset {value!r}; expected one of {', '.join(PRESETS)}")
         return value
+
+    @model_validator(mode="after")
+    def _recipe_fits_the_kind(self) -> Self:
+        if self.kind == "distill" and self.teacher is None:
+            raise ValueError("teacher: required for a distillation (kind: distill)")
+        if self.kind == "sft" and (self.init is not None or self.student_outputs is not None):
+            raise ValueError("init and student_outputs: only a distillation has them, not kind sft")
+        if self.select_best is not None and self.select_best not in SELECTABLE_METRICS:
+            raise ValueError(
+                f"select_best: unknown metric {self.select_best!r}; expected one of "
+                f"{', '.join(SELECTABLE_METRICS)}"
+            )
+        if self.lambda_schedule is not None and self.lambda_schedule.kind == ADAPTIVE:
+            raise ValueError("lambda_schedule: kind adaptive is for alpha_schedule only")
+        for name in self.eval_datasets:
+            if not name or "/" in name:
+                raise ValueError(f"eval_datasets: name {name!r} must be non-empty, without '/'")
+        return self
+
+    @property
+    def best_is_lowest(self) -> bool:
+        """Whether `select_best`'s metric is better when lower (a loss, a KL)."""
+        return self.select_best in MINIMISED_METRICS
 
     @model_validator(mode="after")
     def _loss_is_not_identically_zero(self) -> Self:

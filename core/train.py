@@ -1,8 +1,12 @@
 """The distillation run: `distill(settings, output_dir, callbacks, resume_from) -> RunResult`.
 
-Reads top to bottom in four phases, setup → train → save_checkpoint → cleanup, with no
+Reads top to bottom in four parts, setup → train → save_checkpoint → cleanup, with no
 framework trainer underneath. The teacher runs forward only, under inference mode; the student
 learns from `amid_loss` on response tokens (plus an optional cross-entropy to the references).
+Around the loss, the paper's recipe: an SFT phase first (`core.phases`), the student's own
+samples as responses (`core.student_outputs`), a language-modelling term on pretraining text
+(`core.lm_data`), a pre-flight measure and adaptive α (`core.assistant_weight`), and the best
+evaluated student as the final one.
 Everything that decides a step's numbers (data order, RNG streams, optimizer and scheduler
 state) is either a pure function of the seed or saved in the checkpoint, so a resumed run
 repeats an uninterrupted one.
@@ -14,6 +18,7 @@ import gc
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -24,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from core.assistant_weight import AdaptiveAlpha, measure_batch, preflight
 from core.callbacks import (
     Callback,
     CheckpointReport,
@@ -45,17 +51,34 @@ from core.data import (
     DataPosition,
     DatasetUnreadable,
     MalformedRow,
+    TokenizedExample,
     TrainStream,
     load_data,
+    load_examples,
+    tokenize_example,
 )
-from core.evaluate import evaluate
+from core.errors import AmidError
+from core.evaluate import LossFn, evaluate
 from core.guards import NonFiniteWatch, StopRequested, check_finite_weights, check_positions
+from core.lm_data import LmStream, pack_blocks
 from core.losses import amid_loss
 from core.models import load_pair
-from core.schedules import schedule_value
+from core.phases import Phase, lr_factor, phase_at, plan_phases
+from core.schedules import ADAPTIVE, schedule_value
 from core.settings import DistillSettings
+from core.student_outputs import StudentOutputs
+
+
+class StudentTooFar(AmidError):
+    """The pre-flight found the student too far from the teacher for the run's α."""
+
+    status_code = 422
+
 
 BEST_METRIC = "eval/rouge_l"
+BEST_DIR = "best"  # the best-evaluated student so far, when the run selects by a metric
+# Steps between two measures of w for the adaptive α (one extra forward pass of both models).
+ADAPTIVE_ALPHA_EVERY = 5
 
 
 class MetricsLog:
@@ -86,23 +109,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _lr_factor(settings: DistillSettings, total_steps: int) -> Any:
-    warmup = min(settings.warmup_steps, total_steps)
-    decay_steps = max(total_steps - warmup, 1)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if settings.lr_schedule == "constant":
-            return 1.0
-        progress = min((step - warmup) / decay_steps, 1.0)
-        if settings.lr_schedule == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return factor
-
-
 class _Run:
     """One distillation run; `distill` drives its phases."""
 
@@ -125,7 +131,7 @@ class _Run:
         # -- models: a resumed run takes the student's weights from its checkpoint -------------
         student_source = str(resume_from) if resume_from is not None else settings.student
         pair = load_pair(
-            settings.teacher,
+            settings.teacher,  # an SFT run loads one only to measure eval/teacher_kl
             student_source,
             device=self.device,
             precision=settings.precision,
@@ -134,10 +140,11 @@ class _Run:
         self.teacher, self.student, self.tokenizer = pair.teacher, pair.student, pair.tokenizer
         self.vocab_width = pair.vocab.width
         self.compute_dtype = pair.compute_dtype
-        check_positions(settings, self.teacher, self.student)
+        check_positions(settings, *(m for m in (self.teacher, self.student) if m is not None))
         self._event(
             "models_loaded",
-            f"teacher {settings.teacher} and student {settings.student} loaded on {self.device}",
+            f"teacher {self.teacher and settings.teacher} and student {settings.student} loaded "
+            f"on {self.device}",
             {"device": str(self.device), "dtype": str(self.compute_dtype).removeprefix("torch.")},
         )
         if pair.vocab.truncates_teacher:
@@ -170,6 +177,7 @@ class _Run:
                 field="dataset.eval_size",
             )
         self.eval_examples = data.eval
+        self.train_examples = data.train
         self.pad_id = int(self.tokenizer.pad_token_id)
         self.stream = TrainStream(data.train, settings.batch_size, self.pad_id, settings.seed)
         self._event(
@@ -177,9 +185,41 @@ class _Run:
             f"{len(data.train)} training and {len(data.eval)} eval examples ({data.format} format)",
             {"train": len(data.train), "eval": len(data.eval), "format": data.format},
         )
-        self.total_steps = settings.max_steps or max(
+        self.eval_sets = {
+            name: self._eval_set(dataset) for name, dataset in settings.eval_datasets.items()
+        }
+        self.lm_stream = (
+            LmStream(
+                pack_blocks(settings.lm_dataset, self.tokenizer, settings.max_length),
+                settings.batch_size,
+                settings.seed,
+            )
+            if settings.lm_dataset is not None
+            else None
+        )
+        main_steps = settings.max_steps or max(
             1,
             math.ceil(settings.epochs * self.stream.batches_per_epoch / settings.grad_accum_steps),
+        )
+        self.phases = plan_phases(settings, main_steps)
+        self.total_steps = self.phases[-1].end_step
+        self.student_outputs = (
+            StudentOutputs(
+                settings.student_outputs,
+                seed=settings.seed,
+                pad_id=self.pad_id,
+                eos_id=self.tokenizer.eos_token_id,
+                max_length=settings.max_length,
+                device=self.device,
+            )
+            if settings.student_outputs is not None
+            else None
+        )
+        schedule = settings.alpha_schedule
+        self.adaptive_alpha = (
+            AdaptiveAlpha(schedule.start, schedule.end_value, schedule.w_ready)
+            if schedule is not None and schedule.kind == ADAPTIVE
+            else None
         )
 
         # -- optimizer, schedule, precision ----------------------------------------------------
@@ -194,7 +234,7 @@ class _Run:
             lr=settings.learning_rate,
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, _lr_factor(settings, self.total_steps)
+            self.optimizer, lr_factor(self.phases, settings)
         )
         # fp16 overflows without loss scaling; bf16 and fp32 have the range and need none.
         self.scaler = torch.amp.GradScaler(
@@ -211,6 +251,10 @@ class _Run:
             self.stream = TrainStream(
                 data.train, settings.batch_size, self.pad_id, settings.seed, self.state.position
             )
+            self._restore_extra(self.state.extra)
+            saved_best = resume_from / BEST_DIR
+            if saved_best.is_dir():
+                shutil.copytree(saved_best, self.output_dir / BEST_DIR, dirs_exist_ok=True)
             self._event(
                 "resumed",
                 f"resumed from {resume_from} at step {self.state.step}",
@@ -221,6 +265,7 @@ class _Run:
             self.state.step if resume_from is not None else None,
         )
         self.last_eval: tuple[int, dict[str, float]] | None = None
+        self.last_eval_best = False
         self.last_train: dict[str, float] = {}
 
         for callback in self.callbacks:
@@ -234,20 +279,106 @@ class _Run:
                 )
             )
 
+    def _eval_set(self, dataset: Any) -> list[TokenizedExample]:
+        """Every row of an extra evaluation set, tokenized like the training data."""
+        examples, _, _ = load_examples(dataset, self.tokenizer)
+        s = self.settings
+        return [
+            tokenize_example(e, self.tokenizer, s.max_prompt_length, s.max_length) for e in examples
+        ]
+
+    def _preflight(self) -> None:
+        """Measure w and KL(p‖q) on the first batches; say so when the student is too far, and
+        refuse to go on when the settings ask (`preflight_action: refuse`)."""
+        assert self.teacher is not None
+        s = self.settings
+        alpha, lam = s.alpha, s.lam
+        if s.alpha_schedule is not None:
+            alpha = s.alpha_schedule.end_value  # what the run moves toward
+        # Its own stream over the same order: the training stream does not move.
+        probe = TrainStream(self.train_examples, s.batch_size, self.pad_id, s.seed)
+        result = preflight(
+            (
+                measure_batch(
+                    self.teacher,
+                    self.student,
+                    probe.next(),
+                    vocab_width=self.vocab_width,
+                    alpha=alpha,
+                    lam=lam,
+                    device=self.device,
+                )
+                for _ in range(min(s.preflight_batches, probe.batches_per_epoch))
+            ),
+            alpha,
+            lam,
+        )
+        data = {
+            "w_median": result.w_median,
+            "teacher_kl": result.teacher_kl,
+            "too_far": result.too_far,
+        }
+        if result.too_far:
+            data["warning"] = True
+        self._event("preflight", result.advice(), data)
+        self._metrics(
+            0,
+            {
+                "preflight/w_median": result.w_median,
+                "preflight/teacher_kl": result.teacher_kl,
+                "preflight/too_far": float(result.too_far),
+            },
+        )
+        if result.hopeless and s.preflight_action == "refuse":
+            raise StudentTooFar(result.advice(), field="student")
+
+    def _restore_extra(self, extra: dict[str, Any]) -> None:
+        if self.lm_stream is not None and "lm_position" in extra:
+            self.lm_stream = LmStream(
+                self.lm_stream.blocks,
+                self.settings.batch_size,
+                self.settings.seed,
+                DataPosition(*extra["lm_position"]),
+            )
+        if self.student_outputs is not None and "student_outputs" in extra:
+            self.student_outputs.load_state_dict(extra["student_outputs"])
+        if self.adaptive_alpha is not None and "alpha_progress" in extra:
+            self.adaptive_alpha.progress = float(extra["alpha_progress"])
+
+    def _extra_state(self) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.lm_stream is not None:
+            extra["lm_position"] = [self.lm_stream.position.epoch, self.lm_stream.position.index]
+        if self.student_outputs is not None:
+            extra["student_outputs"] = self.student_outputs.state_dict()
+        if self.adaptive_alpha is not None:
+            extra["alpha_progress"] = self.adaptive_alpha.progress
+        return extra
+
     def _event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
         for callback in getattr(self, "callbacks", []):
             callback.on_event(kind, message, data)
 
+    def _metrics(self, step: int, metrics: dict[str, float]) -> None:
+        self.metrics_log.write(step, metrics)
+        for callback in self.callbacks:
+            callback.on_metrics(step, metrics)
+
     def _knobs(self, step: int) -> tuple[float, float]:
-        """α and λ at optimizer step `step` (0-based): fixed, or from their schedules."""
+        """α and λ at optimizer step `step` (0-based): fixed, adaptive, or from their schedules
+        (over the distillation phase's steps)."""
         s = self.settings
+        phase = self.phases[-1]
+        local = max(step - phase.first_step, 0)
         alpha, lam = s.alpha, s.lam
-        if s.alpha_schedule is not None:
+        if self.adaptive_alpha is not None:
+            alpha = self.adaptive_alpha.alpha
+        elif s.alpha_schedule is not None:
             sched = s.alpha_schedule
-            alpha = schedule_value(sched.kind, sched.start, sched.end_value, step, self.total_steps)
+            alpha = schedule_value(sched.kind, sched.start, sched.end_value, local, phase.steps)
         if s.lambda_schedule is not None:
             sched = s.lambda_schedule
-            lam = schedule_value(sched.kind, sched.start, sched.end_value, step, self.total_steps)
+            lam = schedule_value(sched.kind, sched.start, sched.end_value, local, phase.steps)
         return alpha, lam
 
     def _autocast(self) -> Any:
@@ -256,8 +387,22 @@ class _Run:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
+    def _cross_entropy(self, batch: Batch) -> tuple[torch.Tensor, int]:
+        """Mean next-token cross-entropy over the batch's labelled tokens, and their count."""
+        targets = batch.labels[:, 1:].to(self.device)
+        mask = targets != IGNORE_INDEX
+        with self._autocast():
+            logits = self.student(
+                input_ids=batch.input_ids.to(self.device),
+                attention_mask=batch.attention_mask.to(self.device),
+            ).logits
+        # Only the labelled rows are upcast to fp32, never the whole [B, T, V] block.
+        logits = logits[:, :-1, : self.vocab_width][mask].float()
+        return F.cross_entropy(logits, targets[mask]), int(mask.sum())
+
     def _loss(self, batch: Batch, alpha: float, lam: float) -> tuple[torch.Tensor, int]:
         """Mean distillation loss over the batch's response tokens, and their count."""
+        assert self.teacher is not None, "a distillation has a teacher"
         input_ids = batch.input_ids.to(self.device)
         attention = batch.attention_mask.to(self.device)
         # Position t's logits predict token t + 1: drop the last position, shift the labels.
@@ -297,12 +442,17 @@ class _Run:
         while self.state.step < self.total_steps:
             if self._stop_requested():
                 return self.stopped()
+            phase = phase_at(self.phases, self.state.step)
+            if self.state.step == phase.first_step:
+                self._start_phase(phase)
             step_started = time.monotonic()
-            metrics = self._train_step(self.state.step)
+            metrics = self._train_step(self.state.step, phase)
             self.state.step += 1
             self.state.position = self.stream.position
             now = time.monotonic()
-            metrics["train/tokens_per_s"] = metrics.pop("_tokens") / max(now - step_started, 1e-9)
+            metrics[f"{phase.metric_prefix}/tokens_per_s"] = metrics.pop("_tokens") / max(
+                now - step_started, 1e-9
+            )
             self.last_train = metrics
             self.metrics_log.write(self.state.step, metrics)
             done = self.state.step - first_step
@@ -317,7 +467,8 @@ class _Run:
             for callback in self.callbacks:
                 callback.on_step(report)
 
-            at_end = self.state.step == self.total_steps
+            # The end of every phase is evaluated and saved: the SFT student is a result too.
+            at_end = self.state.step == phase.end_step
             if at_end or (s.eval_interval and self.state.step % s.eval_interval == 0):
                 self._evaluate(self.state.step)
             if at_end or (s.checkpoint_interval and self.state.step % s.checkpoint_interval == 0):
@@ -328,24 +479,74 @@ class _Run:
             self._evaluate(self.state.step)
         final = self.output_dir / "final"
         check_finite_weights(self.student)
-        save_model_dir(self.student, self.tokenizer, final)
+        best = self.output_dir / BEST_DIR
+        if s.select_best is not None and best.is_dir():
+            shutil.rmtree(final, ignore_errors=True)
+            shutil.copytree(best, final)
+            self._event(
+                "best_selected",
+                f"final student: the checkpoint of step {self.state.best_step} "
+                f"({s.select_best} {self.state.best_metric:.4f})",
+                {"step": self.state.best_step, "metric": s.select_best},
+            )
+            assert self.state.best_step is not None and self.state.best_metric is not None
+            self._metrics(
+                self.state.step,
+                {
+                    "best/step": float(self.state.best_step),
+                    f"best/{s.select_best}": self.state.best_metric,
+                },
+            )
+        else:
+            save_model_dir(self.student, self.tokenizer, final)
         self._event("final_saved", f"final student written to {final}", {"path": str(final)})
         return self._finish("completed", final_path=final)
 
-    def _train_step(self, step: int) -> dict[str, float]:
+    def _start_phase(self, phase: Phase) -> None:
+        if phase.first_step > 0:
+            # A phase starts with fresh optimizer moments, as a separate run would.
+            self.optimizer.state.clear()
+        self._event(
+            "phase_started",
+            f"{phase.name} phase: {phase.steps} steps at learning rate {phase.learning_rate:g}",
+            {"phase": phase.name, "first_step": phase.first_step, "steps": phase.steps},
+        )
+        if phase.objective == "distill" and self.settings.preflight_batches:
+            # Measured on the student this phase starts from (after its SFT, if any).
+            self._preflight()
+
+    def _train_step(self, step: int, phase: Phase) -> dict[str, float]:
         alpha, lam = self._knobs(step)
         self.student.train()
         accum = self.settings.grad_accum_steps
-        loss_sum, tokens = 0.0, 0
-        for _ in range(accum):
+        loss_sum, lm_sum, tokens, generated = 0.0, 0.0, 0, 0
+        for micro in range(accum):
             # Checked between micro-batches too: a stop never waits for a whole step.
             if self._stop_requested():
                 raise StopRequested
             batch = self.stream.next()
-            loss, _count = self._loss(batch, alpha, lam)
+            if phase.objective == "cross_entropy":
+                loss, _count = self._cross_entropy(batch)
+            else:
+                if (
+                    self.adaptive_alpha is not None
+                    and micro == 0
+                    and step % ADAPTIVE_ALPHA_EVERY == 0
+                ):
+                    self._measure_for_alpha(batch)
+                    alpha, lam = self._knobs(step)
+                if self.student_outputs is not None:
+                    own = self.student_outputs.batch(self.student, batch, step, micro)
+                    if own is not None:
+                        batch, generated = own, generated + 1
+                loss, _count = self._loss(batch, alpha, lam)
+            loss_sum += float(loss.detach())
+            if self.lm_stream is not None and self.settings.lm_weight > 0:
+                lm_loss, _ = self._cross_entropy(self.lm_stream.next())
+                lm_sum += float(lm_loss.detach())
+                loss = loss + self.settings.lm_weight * lm_loss
             # Each micro-batch's mean counts 1/accum: the step's gradient is their average.
             self.scaler.scale(loss / accum).backward()
-            loss_sum += float(loss.detach())
             tokens += batch.num_tokens
         # Unscale before clipping so the threshold applies to the true gradient (fp16).
         self.scaler.unscale_(self.optimizer)
@@ -360,43 +561,127 @@ class _Run:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {
-            "train/loss": loss_sum / accum,
-            "train/lr": float(lr),
-            "train/grad_norm": float(grad_norm),
-            "alpha": alpha,
-            "lambda": lam,
+        prefix = phase.metric_prefix
+        metrics = {
+            f"{prefix}/loss": loss_sum / accum,
+            f"{prefix}/lr": float(lr),
+            f"{prefix}/grad_norm": float(grad_norm),
             "_tokens": float(tokens),
         }
+        if phase.objective == "distill":
+            metrics.update({"alpha": alpha, "lambda": lam})
+        if self.lm_stream is not None:
+            metrics[f"{prefix}/lm_loss"] = lm_sum / accum
+        if self.student_outputs is not None and phase.objective == "distill":
+            metrics["train/student_output_share"] = self.student_outputs.share
+            metrics["train/student_output_batches"] = float(generated)
+        return metrics
+
+    def _measure_for_alpha(self, batch: Batch) -> None:
+        assert self.teacher is not None and self.adaptive_alpha is not None
+        self.adaptive_alpha.update(
+            measure_batch(
+                self.teacher,
+                self.student,
+                batch,
+                vocab_width=self.vocab_width,
+                alpha=self.adaptive_alpha.target,
+                lam=self.settings.lam,
+                device=self.device,
+            )
+        )
 
     def _evaluate(self, step: int) -> None:
+        s = self.settings
+        phase = phase_at(self.phases, max(step - 1, 0))
         alpha, lam = self._knobs(max(step - 1, 0))
 
         def loss_fn(batch: Batch) -> tuple[torch.Tensor, int]:
             if self._stop_requested():
                 raise StopRequested
             with torch.no_grad():
+                if phase.objective == "cross_entropy":
+                    return self._cross_entropy(batch)
                 return self._loss(batch, alpha, lam)
 
+        loss_fns: dict[str, LossFn] = {"loss": loss_fn}
+        teacher = self.teacher
+        if s.evaluation.teacher_kl and teacher is not None:
+
+            def teacher_kl(batch: Batch) -> tuple[float, int]:
+                measure = measure_batch(
+                    teacher,
+                    self.student,
+                    batch,
+                    vocab_width=self.vocab_width,
+                    alpha=alpha,
+                    lam=lam,
+                    device=self.device,
+                )
+                return measure.kl_sum / max(measure.tokens, 1), measure.tokens
+
+            loss_fns["teacher_kl"] = teacher_kl
+
         self.student.eval()
-        outcome = evaluate(
-            self.student,
-            self.tokenizer,
-            self.eval_examples,
-            self.settings.generation,
-            max_samples=self.settings.eval_max_samples,
-            batch_size=self.settings.batch_size,
-            seed=self.settings.seed,
-            device=self.device,
-            loss_fn=loss_fn,
-        )
+        metrics: dict[str, float] = {}
+        samples: list[dict[str, str]] = []
+        sets = [
+            ("eval", self.eval_examples),
+            *((f"eval/{n}", e) for n, e in self.eval_sets.items()),
+        ]
+        for prefix, examples in sets:
+            outcome = evaluate(
+                self.student,
+                self.tokenizer,
+                examples,
+                s.generation,
+                max_samples=s.eval_max_samples,
+                batch_size=s.batch_size,
+                seed=s.seed,
+                device=self.device,
+                loss_fns=loss_fns,
+                sample_seeds=s.evaluation.sample_seeds,
+                greedy=s.evaluation.greedy,
+                prefix=prefix,
+            )
+            metrics.update(outcome.metrics)
+            samples = samples or outcome.samples
         self.student.train()
-        self.last_eval = (step, outcome.metrics)
-        if outcome.metrics:
-            self.metrics_log.write(step, outcome.metrics)
-        report = EvalReport(step=step, metrics=outcome.metrics, samples=outcome.samples)
+        self.last_eval = (step, metrics)
+        self.last_eval_best = self._track_best(step, phase, metrics)
+        if metrics:
+            self.metrics_log.write(step, metrics)
+        report = EvalReport(step=step, metrics=metrics, samples=samples)
         for callback in self.callbacks:
             callback.on_eval(report)
+        outputs = self.student_outputs
+        if (
+            outputs is not None
+            and phase.objective == "distill"
+            and "eval/loss" in metrics
+            and outputs.on_eval_loss(metrics["eval/loss"])
+        ):
+            self._event(
+                "student_output_share",
+                f"eval loss rose: the student now samples {outputs.share:.0%} of the responses",
+                {"share": outputs.share, "step": step},
+            )
+
+    def _track_best(self, step: int, phase: Phase, metrics: dict[str, float]) -> bool:
+        """Whether this evaluation is the best so far; with select_best, keep its student."""
+        s = self.settings
+        name = s.select_best or BEST_METRIC
+        score = metrics.get(name)
+        # Selection is among the students of the last phase (the distillation, not its SFT).
+        if score is None or phase is not self.phases[-1]:
+            return False
+        best = self.state.best_metric
+        if best is not None and (score >= best if s.best_is_lowest else score <= best):
+            return False
+        self.state.best_metric, self.state.best_step = score, step
+        if s.select_best is not None:
+            save_model_dir(self.student, self.tokenizer, self.output_dir / BEST_DIR)
+        return True
 
     # == save_checkpoint =========================================================================
 
@@ -405,12 +690,8 @@ class _Run:
         is_best = False
         if self.last_eval is not None and self.last_eval[0] == step:
             metrics.update(self.last_eval[1])
-            score = self.last_eval[1].get(BEST_METRIC)
-            if score is not None and (
-                self.state.best_metric is None or score > self.state.best_metric
-            ):
-                self.state.best_metric, self.state.best_step = score, step
-                is_best = True
+            is_best = self.last_eval_best
+        self.state.extra = self._extra_state()
         path = save_checkpoint(
             self.output_dir,
             model=self.student,
@@ -421,6 +702,10 @@ class _Run:
             state=self.state,
             settings_json=self.settings.public_dict(),
         )
+        best = self.output_dir / BEST_DIR
+        if self.settings.select_best is not None and best.is_dir():
+            # The best student so far travels with the checkpoint: a resumed run still has it.
+            shutil.copytree(best, path / BEST_DIR, dirs_exist_ok=True)
         if is_best:
             mark_best(self.output_dir, step, metrics)
         report = CheckpointReport(step=step, path=path, metrics=metrics, is_best=is_best)

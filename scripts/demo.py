@@ -2,8 +2,10 @@
 
 Starts `amid serve` (SQLite, filesystem queue, local artifacts under .demo/), creates an API key,
 submits examples/demo-job.yaml over the REST API with `amid jobs submit`, follows it with
-`amid jobs wait`, prints the evaluation figures, downloads the student with `amid jobs download`
-and prints its local path, and stops everything it started, also on an error or Ctrl-C.
+`amid jobs wait`, prints the evaluation figures and how the recommended recipe it runs compares
+with plain KD (the quality benchmark's table in BENCHMARKS.md), downloads the student with
+`amid jobs download` and prints its local path, and stops everything it started, also on an error
+or Ctrl-C.
 
 `--write-readme` also puts the printed report into README.md (between its demo-output markers),
 so the figures the README quotes are the ones this command last produced.
@@ -40,6 +42,9 @@ README = ROOT / "README.md"
 README_BLOCK = re.compile(
     r"(<!-- demo-output:start -->\n```\n).*?(```\n<!-- demo-output:end -->)", re.S
 )
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+# The demo job fine-tunes its student first, so the comparison is the fine-tuned student's.
+QUALITY_TABLE = "### From the fine-tuned student"
 
 
 def free_port() -> int:
@@ -90,6 +95,19 @@ def eval_series(url: str, job_id: str, key: str) -> dict[str, list[tuple[int, fl
             points = json.load(response)["items"]
         series[name] = [(p["step"], p["value"]) for p in points if p["value"] is not None]
     return series
+
+
+def comparison_with_kd(preset: str) -> list[str]:
+    """The header and the rows of KD and `preset` in the quality benchmark's table."""
+    text = BENCHMARKS.read_text(encoding="utf-8") if BENCHMARKS.exists() else ""
+    start = text.find(QUALITY_TABLE)
+    if start == -1:
+        return []
+    # The heading, a blank line, then the table up to the next blank line.
+    parts = text[start:].split("\n\n", 2)
+    rows = parts[1].splitlines() if len(parts) > 1 else []
+    header = rows[:1]
+    return header + [r for r in rows if r.startswith((f"| `{preset}` ", "| `kd` "))]
 
 
 def stop(server: subprocess.Popen[bytes]) -> None:
@@ -173,6 +191,14 @@ def main() -> int:
             trail = " -> ".join(f"{value:.4f} (step {step})" for step, value in points)
             report.append(f"   {name}: {trail}")
             print(report[-1])
+        preset = job["settings"]["preset"]
+        rows = comparison_with_kd(preset)
+        if rows:
+            report.append(
+                f"== {preset} against plain KD from a fine-tuned student (BENCHMARKS.md):"
+            )
+            report.extend(f"   {row}" for row in rows)
+            print("\n".join(report[-len(rows) - 1 :]))
         output = amid(
             "jobs", "download", job_id, "-o", str(HOME / "student"), env=env, capture=True
         )

@@ -79,7 +79,9 @@ class DbReporter(Callback):
         self.flush()
 
     def on_event(self, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
-        self._event("info", kind, message, data or {})
+        data = data or {}
+        # The run marks what a user should act on (a student too far from its teacher).
+        self._event("warning" if data.get("warning") else "info", kind, message, data)
 
     def on_step(self, report: StepReport) -> None:
         self.last_progress = time.monotonic()
@@ -94,20 +96,22 @@ class DbReporter(Callback):
         self._maybe_flush()
 
     def on_eval(self, report: EvalReport) -> None:
-        with self._lock:
-            self._points.extend((report.step, k, v) for k, v in report.metrics.items())
         self._event(
             "info",
             "evaluated",
             f"evaluation at step {report.step}",
             {"metrics": report.metrics, "samples": report.samples},
         )
+        self.on_metrics(report.step, report.metrics)
+
+    def on_metrics(self, step: int, metrics: dict[str, float]) -> None:
         with self._lock:
+            self._points.extend((step, k, v) for k, v in metrics.items())
             # The step's progress may already be flushed (and cleared): start from the last one
-            # known, so an evaluation always reaches latest_metrics (the store merges the dict).
+            # known, so these metrics always reach latest_metrics (the store merges the dict).
             progress = self._progress or self._last_progress
             if progress is not None:
-                merged = {**(progress.get("latest_metrics") or {}), **report.metrics}
+                merged = {**(progress.get("latest_metrics") or {}), **metrics}
                 self._progress = {**progress, "latest_metrics": merged}
         self.flush()
 

@@ -43,12 +43,14 @@ class SourceJobNotReady(AmidError):
     status_code = 422
 
 
-def _resolve_source(source: str, field: str, artifacts: ArtifactStore, cache: Path) -> str:
+def _resolve_source(
+    source: str | None, field: str, artifacts: ArtifactStore, cache: Path
+) -> str | None:
     """A `job:<id>` becomes a local copy of that job's final student, a `file:<id>` a local copy
-    of that upload; anything else is as given."""
-    if upload_ref := files.FILE_REF.fullmatch(source):
+    of that upload; anything else (None: an SFT job's teacher) is as given."""
+    if source is not None and (upload_ref := files.FILE_REF.fullmatch(source)):
         return str(_local_upload(upload_ref.group(1), artifacts, cache))
-    if not source.startswith(JOB_PREFIX):
+    if source is None or not source.startswith(JOB_PREFIX):
         return source
     source_id = source.removeprefix(JOB_PREFIX)
     final_uri = with_session(lambda s: jobs.get_job(s, source_id).final_uri, what="read source job")
@@ -166,10 +168,12 @@ def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> s
     attempt, stored = with_session(lambda s: _attempt_and_settings(s, job_id), what="read job")
     settings = DistillSettings.model_validate(stored)
     cache = (config.home / "cache").resolve()
+    student = _resolve_source(settings.student, "student", artifacts, cache)
+    assert student is not None
     settings = settings.model_copy(
         update={
             "teacher": _resolve_source(settings.teacher, "teacher", artifacts, cache),
-            "student": _resolve_source(settings.student, "student", artifacts, cache),
+            "student": student,
             "dataset": settings.dataset.model_copy(
                 update={
                     "source": _resolve_source(
@@ -182,7 +186,8 @@ def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> s
     # Cheap before expensive: two tokenizers, not two models, decide a mismatched pair; the
     # dataset's first rows decide whether it can be read at all (a hub dataset, or a bad row
     # the submission's one-row check could not see), all before the models take the GPU.
-    check_tokenizers(settings.teacher, settings.student, settings.trust_remote_code)
+    if settings.teacher is not None:  # an SFT job has none
+        check_tokenizers(settings.teacher, settings.student, settings.trust_remote_code)
     data_format = check_dataset(settings.dataset)
     card = StudentCard(job_id=job_id, settings=stored, data_format=data_format)
     reporter.card = card

@@ -59,7 +59,7 @@ def test_presets_table_matches_the_presets() -> None:
     from core.presets import PRESETS
 
     rows = re.findall(
-        r"^\| `(\w+)` \| (-?[\d.]+) \| (-?[\d.]+) \| `(\w+)` \| (\w+) \| (.+?) \|$",
+        r"^\| `([\w-]+)` \| (-?[\d.]+) \| (-?[\d.]+) \| `(\w+)` \| (\w+) \| (.+?) \|$",
         _section("### Presets"),
         re.M,
     )

@@ -96,3 +96,49 @@ def test_refused_model_pair_exits_2_without_traceback(
     assert done.returncode == 2
     assert "ModelUnloadable (student)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_distill_runs_the_recipe_an_sft_run_then_every_part(
+    tmp_path: Path, save_model: Callable[..., Path]
+) -> None:
+    save_model("teacher")
+    save_model("student", n_embd=16)
+    shutil.copy(DATA_FILE, tmp_path / "data.jsonl")
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"Words of text {i}." for i in range(60)))
+    common = {
+        "dataset": {"source": "data.jsonl", "eval_size": 8, "max_rows": 100},
+        "batch_size": 4,
+        "max_prompt_length": 96,
+        "max_length": 128,
+        "eval_max_samples": 8,
+        "generation": {"max_new_tokens": 4},
+    }
+    sft = {"kind": "sft", "student": "student", "max_steps": 2, **common}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft), encoding="utf-8")
+    done = _amid("distill", "sft.yaml", "--output", "sft", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    recipe = {
+        "teacher": "teacher",
+        "student": "sft/final",  # the SFT run's student
+        "preset": "amid-auto",
+        "max_steps": 3,
+        "init": {"sft_steps": 1, "learning_rate": 1e-3},
+        "student_outputs": {"fraction": 0.5, "adaptive": True, "max_new_tokens": 4},
+        "lm_dataset": "corpus.txt",
+        "select_best": "eval/loss",
+        "eval_interval": 1,
+        **common,
+    }
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe), encoding="utf-8")
+    done = _amid("distill", "recipe.yaml", "--output", "out", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "init/loss" in x] == [1]
+    assert [x["step"] for x in lines if "init/lm_loss" in x] == [1]
+    assert [x["step"] for x in lines if "train/lm_loss" in x] == [2, 3, 4]
+    assert any("train/student_output_share" in x for x in lines)
+    assert any("preflight/w_median" in x for x in lines)
+    losses = {x["step"]: x["eval/loss"] for x in lines if "eval/loss" in x and x["step"] > 1}
+    best = min(losses, key=lambda step: losses[step])
+    assert f"the final student (eval/loss): step {best}" in done.stdout

@@ -152,7 +152,8 @@ def test_should_stop_ends_at_a_step_boundary_without_saving(
     assert "stopped" in recorder.events
     assert not (tmp_path / "run" / "final").exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
-    assert [line["step"] for line in _metrics_lines(tmp_path / "run")] == [1, 2]
+    # Step 0 holds the pre-flight's measures; the steps run are 1 and 2.
+    assert [line["step"] for line in _metrics_lines(tmp_path / "run")] == [0, 1, 2]
 
 
 def test_resumed_run_repeats_the_uninterrupted_one(
