@@ -17,6 +17,7 @@ Time: the median of `--repeats` forward+backward calls after the memory-measurin
     python -m benchmarks.loss --quick         # small token counts, a few seconds
     python -m benchmarks.loss --write BENCHMARKS.md
     python -m benchmarks.loss --divergence kl --chunk-size 64 --chunk-size 256
+    python -m benchmarks.loss --tokens 2048 --divergence kl --divergence ab --chunk-size 128
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ def main() -> None:
         "--divergence", action="append", choices=sorted(DIVERGENCE_FUNCTIONS), help="repeatable"
     )
     parser.add_argument("--chunk-size", type=int, action="append", help="repeatable")
+    parser.add_argument("--tokens", type=int, action="append", help="repeatable")
     parser.add_argument("--write", type=Path, help="write the results as markdown to this file")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,6 +263,7 @@ def main() -> None:
     else:
         token_counts, chunk_sizes = [512, 1024, 2048], [1024, DEFAULT_LOSS_CHUNK_SIZE]
     chunk_sizes = args.chunk_size or chunk_sizes
+    token_counts = args.tokens or token_counts
     divergences = args.divergence or ["ab"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
