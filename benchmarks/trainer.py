@@ -283,29 +283,41 @@ def main() -> None:
     loads = (load_before, os.getloadavg()[0])
     print(f"1-minute load average {loads[0]:.1f} at the start, {loads[1]:.1f} at the end")
     if args.write:
-        lines = [
-            "## A training step against TRL's GKDTrainer",
-            "",
-            f"Produced by `{command}` from the repository root (with `pip install trl`).",
-            "",
-            f"Teacher GPT-2-shaped 6 × 384, student 2 × 256 (tied embeddings), batch {BATCH} × "
-            f"{LENGTH} tokens with the second half of each sequence the response, plain KD "
-            "(TRL β = 0; here λ = 0, kl), AdamW; fp32 on CPU, bf16 on CUDA. TRL's side is the "
-            "step of `GKDTrainer.compute_loss` with its `generalized_jsd_loss`, without HF "
-            "Trainer's loop; ours is the trainer's fused step. Each side runs in a fresh "
-            "process; peak extra memory is the growth from just before the first step (peak RSS "
-            "with `MALLOC_MMAP_THRESHOLD_=65536` on CPU, `max_memory_allocated` on CUDA); "
-            f"tokens/s from the median of {args.steps} steps after a warm-up step. Machine "
-            f"shared with other work: 1-minute load average {loads[0]:.1f} at the start and "
-            f"{loads[1]:.1f} at the end, so treat time ratios as indicative.",
-            "",
-            *[f"- {machine}" for machine in machines],
-            "",
-            *rows,
-            "",
-        ]
-        write_section(args.write, "trainer", lines)
+        write_markdown(args.write, command, machines, rows, steps=args.steps, loads=loads)
         print(f"wrote {args.write}")
+
+
+def write_markdown(
+    path: Path,
+    command: str,
+    machines: list[str],
+    rows: list[str],
+    *,
+    steps: int,
+    loads: tuple[float, float],
+) -> None:
+    lines = [
+        "## A training step against TRL's GKDTrainer",
+        "",
+        f"Produced by `{command}` from the repository root (with `pip install trl`).",
+        "",
+        f"Teacher GPT-2-shaped 6 × 384, student 2 × 256 (tied embeddings), batch {BATCH} × "
+        f"{LENGTH} tokens with the second half of each sequence the response, plain KD "
+        "(TRL β = 0; here λ = 0, kl), AdamW; fp32 on CPU, bf16 on CUDA. TRL's side is the "
+        "step of `GKDTrainer.compute_loss` with its `generalized_jsd_loss`, without HF "
+        "Trainer's loop; ours is the trainer's fused step. Each side runs in a fresh "
+        "process; peak extra memory is the growth from just before the first step (peak RSS "
+        "with `MALLOC_MMAP_THRESHOLD_=65536` on CPU, `max_memory_allocated` on CUDA); "
+        f"tokens/s from the median of {steps} steps after a warm-up step. Machine "
+        f"shared with other work: 1-minute load average {loads[0]:.1f} at the start and "
+        f"{loads[1]:.1f} at the end, so treat time ratios as indicative.",
+        "",
+        *[f"- {machine}" for machine in machines],
+        "",
+        *rows,
+        "",
+    ]
+    write_section(path, "trainer", lines)
 
 
 if __name__ == "__main__":
