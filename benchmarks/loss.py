@@ -1,8 +1,8 @@
 """Forward+backward time and peak extra memory of `amid_loss` against a dense implementation.
 
-The dense baseline is written the way the AMiD paper's own code (and DistiLLM's before it)
-computes the loss: every [B, T, V] fp32 tensor at once, probabilities raised to powers, plain
-autograd keeping all of them for backward. Both get the same inputs in the same run.
+The dense baseline follows the AMiD authors' own `amid()` operation by operation: every
+[B, T, V] fp32 tensor at once, the mixture through logaddexp, plain autograd keeping all of them
+for backward. Both get the same inputs in the same run.
 
 Memory on CPU: every case runs in a fresh subprocess; peak extra memory is the growth of the
 process's peak resident set size (`resource.getrusage(...).ru_maxrss`) from just after the
@@ -17,6 +17,7 @@ Time: the median of `--repeats` forward+backward calls after the memory-measurin
     python -m benchmarks.loss --quick         # small token counts, a few seconds
     python -m benchmarks.loss --write BENCHMARKS.md
     python -m benchmarks.loss --divergence kl --chunk-size 64 --chunk-size 256
+    python -m benchmarks.loss --tokens 2048 --divergence kl --divergence ab --chunk-size 128
 """
 
 from __future__ import annotations
@@ -48,23 +49,34 @@ ALPHA, LAM, AB_ALPHA, AB_BETA = -5.0, 0.1, 0.2, 0.7
 def dense_loss(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor, divergence: str
 ) -> torch.Tensor:
-    """The paper-style loss: whole-batch fp32 probabilities, powers, plain autograd."""
-    teacher_probs = F.softmax(teacher_logits, dim=-1, dtype=torch.float32)
-    student_probs = F.softmax(student_logits, dim=-1, dtype=torch.float32)
+    """The loss as the AMiD authors' `amid()` computes it (distillm/losses.py of their code,
+    α < 1 branch, anchor p): the same tensors, whole-batch and in the same order, and plain
+    autograd keeping every one of them for backward."""
+    p = F.softmax(teacher_logits, dim=-1)
+    log_p = F.log_softmax(teacher_logits, dim=-1)
+    log_q = F.log_softmax(student_logits, dim=-1)
+    # Their code also makes q = softmax(student logits) and, below, r = softmax(log r̃) for the
+    # divergences this setting does not read: computed here for their time, but dropped at once
+    # where theirs stay alive to the end (a baseline a little leaner than the original).
+    F.softmax(student_logits, dim=-1)
+    inf_mask = torch.isinf(teacher_logits) | torch.isinf(student_logits)
     c = (1.0 - ALPHA) / 2.0
-    mixed = (LAM * teacher_probs**c + (1.0 - LAM) * student_probs**c) ** (1.0 / c)
-    mixed = mixed / mixed.sum(dim=-1, keepdim=True)
+    t1 = math.log(LAM) + c * log_p
+    t2 = math.log(1.0 - LAM) + c * log_q
+    log_r_unnorm = torch.logaddexp(t1, t2) / c
+    F.softmax(log_r_unnorm, dim=-1)
+    log_r = F.log_softmax(log_r_unnorm, dim=-1)
+    weights = mask.int()
     if divergence == "kl":
-        per_token = (teacher_probs * (torch.log(teacher_probs) - torch.log(mixed))).sum(-1)
-    else:
-        a, b = AB_ALPHA, AB_BETA
-        term = (
-            teacher_probs**a * mixed**b
-            - a / (a + b) * teacher_probs ** (a + b)
-            - b / (a + b) * mixed ** (a + b)
-        )
-        per_token = -term.sum(-1) / (a * b)
-    weights = mask.float()
+        per_token = torch.masked_fill(p * (log_p - log_r), inf_mask, 0).sum(-1)
+        return (per_token * weights).sum() / weights.sum()
+    a, b = AB_ALPHA, AB_BETA
+    s = a + b
+    term1 = torch.exp(torch.logsumexp(a * log_p + b * log_r, dim=-1))
+    term2 = (a / s) * torch.exp(torch.logsumexp(s * log_p, dim=-1))
+    term3 = (b / s) * torch.exp(torch.logsumexp(s * log_r, dim=-1))
+    per_token = -(term1 - term2 - term3) / (a * b)
+    per_token = torch.where(torch.isfinite(per_token), per_token, 0.0)
     return (per_token * weights).sum() / weights.sum()
 
 
@@ -237,6 +249,7 @@ def main() -> None:
         "--divergence", action="append", choices=sorted(DIVERGENCE_FUNCTIONS), help="repeatable"
     )
     parser.add_argument("--chunk-size", type=int, action="append", help="repeatable")
+    parser.add_argument("--tokens", type=int, action="append", help="repeatable")
     parser.add_argument("--write", type=Path, help="write the results as markdown to this file")
     parser.add_argument("--case", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -250,6 +263,7 @@ def main() -> None:
     else:
         token_counts, chunk_sizes = [512, 1024, 2048], [1024, DEFAULT_LOSS_CHUNK_SIZE]
     chunk_sizes = args.chunk_size or chunk_sizes
+    token_counts = args.tokens or token_counts
     divergences = args.divergence or ["ab"]
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -282,8 +296,9 @@ def write_markdown(
         f"Setting: the paper's GPT-2 / Dolly loss (α = {ALPHA}, λ = {LAM}, anchor teacher; `ab` is "
         f"D_AB^({AB_ALPHA}, {AB_BETA})), vocabulary {VOCAB:,}, fp32 logits of a batch of 4 "
         "sequences, every position masked in (the worst case for the chunked loss, which skips "
-        "unmasked positions). The dense baseline is written as the paper's code does it: all "
-        "[B, T, V] fp32 probabilities at once, powers, plain autograd.",
+        "unmasked positions). The dense baseline follows the paper authors' `amid()` operation by "
+        "operation: all [B, T, V] fp32 tensors at once, the mixture through logaddexp, plain "
+        "autograd.",
         "",
         "Peak extra memory: on CPU, each case runs in a fresh process (after an 8-token warm-up "
         "call that loads kernels) and the figure is the growth of peak RSS "

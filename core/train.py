@@ -60,8 +60,9 @@ from core.data import (
 from core.errors import AmidError
 from core.evaluate import LossFn, evaluate
 from core.guards import NonFiniteWatch, StopRequested, check_finite_weights, check_positions
+from core.heads import SplitModel, split_head
 from core.lm_data import LmStream, pack_blocks
-from core.losses import amid_loss
+from core.losses import amid_loss, fused_amid_loss
 from core.models import load_pair
 from core.phases import Phase, lr_factor, phase_at, plan_phases
 from core.schedules import ADAPTIVE, schedule_value
@@ -147,6 +148,7 @@ class _Run:
             f"on {self.device}",
             {"device": str(self.device), "dtype": str(self.compute_dtype).removeprefix("torch.")},
         )
+        self.fused = self._split_heads()
         if pair.vocab.truncates_teacher:
             self._event(
                 "vocab_truncated",
@@ -381,6 +383,23 @@ class _Run:
             lam = schedule_value(sched.kind, sched.start, sched.end_value, local, phase.steps)
         return alpha, lam
 
+    def _split_heads(self) -> tuple[SplitModel, SplitModel] | None:
+        """Both models as body and head for the fused loss, or None (with an event) when either
+        head cannot be reproduced exactly outside its model."""
+        if self.teacher is None:  # an SFT run: its cross-entropy needs no teacher head
+            return None
+        teacher = split_head(self.teacher, self.vocab_width)
+        student = split_head(self.student, self.vocab_width)
+        if isinstance(teacher, SplitModel) and isinstance(student, SplitModel):
+            return teacher, student
+        role, reason = ("teacher", teacher) if isinstance(teacher, str) else ("student", student)
+        self._event(
+            "fused_loss_off",
+            f"the loss uses full logits: the {role}'s head cannot be fused ({reason})",
+            {"role": role, "reason": str(reason)},
+        )
+        return None
+
     def _autocast(self) -> Any:
         # The student's weights stay fp32; autocast runs its matmuls in bf16/fp16 where asked.
         if self.compute_dtype == torch.float32:
@@ -400,7 +419,9 @@ class _Run:
         logits = logits[:, :-1, : self.vocab_width][mask].float()
         return F.cross_entropy(logits, targets[mask]), int(mask.sum())
 
-    def _loss(self, batch: Batch, alpha: float, lam: float) -> tuple[torch.Tensor, int]:
+    def _loss(
+        self, batch: Batch, alpha: float, lam: float, fused: bool = True
+    ) -> tuple[torch.Tensor, int]:
         """Mean distillation loss over the batch's response tokens, and their count."""
         assert self.teacher is not None, "a distillation has a teacher"
         input_ids = batch.input_ids.to(self.device)
@@ -408,6 +429,10 @@ class _Run:
         # Position t's logits predict token t + 1: drop the last position, shift the labels.
         targets = batch.labels[:, 1:].to(self.device)
         mask = targets != IGNORE_INDEX
+        if fused and self.fused is not None:
+            return self._fused_loss(
+                self.fused, input_ids, attention, targets=targets, mask=mask, alpha=alpha, lam=lam
+            )
         # The teacher never needs a graph: inference mode skips autograd bookkeeping entirely.
         with torch.inference_mode():
             teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention).logits
@@ -429,6 +454,41 @@ class _Run:
             # Only the response rows are upcast to fp32, never the whole [B, T, V] block.
             ce = F.cross_entropy(student_logits[mask].float(), targets[mask])
             loss = loss + self.settings.ce_weight * ce
+        return loss, int(mask.sum())
+
+    def _fused_loss(
+        self,
+        models: tuple[SplitModel, SplitModel],
+        input_ids: torch.Tensor,
+        attention: torch.Tensor,
+        *,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        alpha: float,
+        lam: float,
+    ) -> tuple[torch.Tensor, int]:
+        """The same loss from hidden states: the heads run inside `fused_amid_loss`, at the
+        response positions only, so neither model's [B, T, V] logits ever exist."""
+        teacher, student = models
+        with torch.inference_mode():
+            teacher_hidden = teacher.hidden_states(input_ids, attention)[:, :-1]
+        with self._autocast():
+            student_hidden = student.hidden_states(input_ids, attention)[:, :-1]
+        loss = fused_amid_loss(
+            student_hidden,
+            student.weight,
+            teacher_hidden,
+            teacher.weight,
+            mask,
+            alpha=alpha,
+            lam=lam,
+            student_bias=student.bias,
+            teacher_bias=teacher.bias,
+            targets=targets.clamp(min=0),  # ignored positions are never read
+            ce_weight=self.settings.ce_weight,
+            chunk_size=self.settings.loss_chunk_size,
+            **self.settings.loss_knobs(),
+        )
         return loss, int(mask.sum())
 
     # == train ===================================================================================
@@ -599,10 +659,11 @@ class _Run:
         def loss_fn(batch: Batch) -> tuple[torch.Tensor, int]:
             if self._stop_requested():
                 raise StopRequested
+            # Evaluation keeps the logits path: the numbers it reports are the models' own.
             with torch.no_grad():
                 if phase.objective == "cross_entropy":
                     return self._cross_entropy(batch)
-                return self._loss(batch, alpha, lam)
+                return self._loss(batch, alpha, lam, fused=False)
 
         loss_fns: dict[str, LossFn] = {"loss": loss_fn}
         teacher = self.teacher
