@@ -25,7 +25,7 @@ from store.artifacts import (
     final_key,
     get_artifact_store,
 )
-from store.config import get_config
+from store.config import ServiceConfig, get_config
 from store.states import JobStatus
 from worker.db_retry import with_session
 from worker.reporter import DbReporter, Heartbeat
@@ -95,12 +95,20 @@ def _forget_checkpoint(job_id: str, step: int) -> None:
     with_session(lambda s: jobs.forget_checkpoint(s, job_id, step), what="forget checkpoint")
 
 
+# Under the worker's cache: its own copies of uploaded files (`file:<id>`).
+UPLOADS = "files"
+
+
+def _cache(config: ServiceConfig) -> Path:
+    return (config.home / "cache").resolve()
+
+
 def _local_upload(file_id: str, artifacts: ArtifactStore, cache: Path) -> Path:
     # Plain values out of the session: its ORM objects expire when it commits.
     purpose, filename, uri, sha256 = with_session(
         lambda s: _upload_fields(s, file_id), what="read uploaded file"
     )
-    local = cache / "files" / file_id
+    local = cache / UPLOADS / file_id
     if purpose == "model":
         return local if local.exists() else artifacts.download_dir(uri, local)
     target = local / filename
@@ -135,8 +143,9 @@ def run_job(job_id: str, worker_id: str) -> str:
     )
     watchdog.start()
     try:
-        # Datasets are read under the rules the API applied at submission (core.datafiles).
-        with within_roots(config.data_roots):
+        # Datasets are read under the rules the API applied at submission (core.datafiles); the
+        # worker's own copies of uploaded files are one more root.
+        with within_roots([*config.data_roots, _cache(config) / UPLOADS]):
             return _run(job_id, worker_id, work_dir, reporter)
     except Exception as exc:
         code = exc.code if isinstance(exc, AmidError) else "InternalError"
@@ -167,7 +176,7 @@ def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> s
     # Plain values out of the session: its ORM objects expire when it commits.
     attempt, stored = with_session(lambda s: _attempt_and_settings(s, job_id), what="read job")
     settings = DistillSettings.model_validate(stored)
-    cache = (config.home / "cache").resolve()
+    cache = _cache(config)
     student = _resolve_source(settings.student, "student", artifacts, cache)
     assert student is not None
     settings = settings.model_copy(

@@ -105,7 +105,8 @@ def test_a_student_sample_is_scored_by_the_teacher_on_its_generated_tokens_only(
         own = run.student_outputs.batch(run.student, dataset_batch, step=0, micro=0)
         assert own is not None
         seen: list[torch.Tensor] = []
-        handle = run.teacher.register_forward_pre_hook(
+        # The teacher's body runs on every path (the fused loss applies its head itself).
+        handle = run.teacher.base_model.register_forward_pre_hook(
             lambda _m, args, kwargs: seen.append(kwargs["input_ids"].clone()), with_kwargs=True
         )
         run._loss(own, settings.alpha, settings.lam)
