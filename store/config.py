@@ -75,7 +75,12 @@ class ServiceConfig(BaseSettings):
         30.0, gt=0, description="A running job whose heartbeat is older than this is re-queued."
     )
     redispatch_after_seconds: float = Field(
-        60.0, gt=0, description="A queued job older than this is sent to the broker again."
+        60.0,
+        gt=0,
+        description=(
+            "A queued job whose message went this long without a claim is sent again (one "
+            "message per job: only if a worker took it, or the broker's queue is empty)."
+        ),
     )
     reaper_interval_seconds: float = Field(10.0, gt=0, description="How often the reaper runs.")
     cancel_grace_seconds: float = Field(

@@ -13,13 +13,11 @@ the reaper that no message for the job is outstanding.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
-from typing import Any
 
 from celery import Celery
-from celery.concurrency.base import BasePool
+from celery.utils.log import get_logger
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
@@ -28,7 +26,8 @@ from store.queue import RUN_JOB_TASK, get_celery_app
 from worker import broker
 from worker.db_retry import with_session
 
-logger = logging.getLogger(__name__)
+# Celery's logger family: the worker's main process configures it (and only it) for output.
+logger = get_logger(__name__)
 
 app: Celery = get_celery_app()
 # A worker that fails to ack while Redis is down must still consume afterwards (see worker.broker).
@@ -43,19 +42,26 @@ STALE_MESSAGE_LOG = "job %s: stale message dropped (the job is not waiting to be
 
 
 class DropStaleMessages(Request):
-    """Runs in the worker's main process, before the message reaches a job process."""
+    """Checked in the worker's main process, before the message reaches a job process.
 
-    def execute_using_pool(self, pool: BasePool, **kwargs: Any) -> Any:
+    Celery asks `revoked()` right before it hands a message to the pool (its request class
+    wraps the hand-over itself), so a stale message is treated the way Celery treats a revoked
+    one: taken off the worker's books, acknowledged, and never run.
+    """
+
+    def revoked(self) -> bool:
+        if super().revoked():
+            return True
         job_id = self.args[0] if self.args else None
-        if isinstance(job_id, str) and not with_session(
+        if not isinstance(job_id, str) or with_session(
             lambda s: jobs.take_message(s, job_id), what="take message"
         ):
-            logger.info(STALE_MESSAGE_LOG, job_id)
-            # What Celery does with a revoked request: off the worker's books, acknowledged.
-            task_ready(self)
-            self.acknowledge()
-            return None
-        return super().execute_using_pool(pool, **kwargs)
+            return False
+        logger.info(STALE_MESSAGE_LOG, job_id)
+        task_ready(self)
+        self.acknowledge()
+        self._already_revoked = True
+        return True
 
 
 @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True, Request=DropStaleMessages)

@@ -26,6 +26,7 @@ import httpx
 import sqlalchemy as sa
 
 from store.artifacts import ArtifactStore
+from store.config import ServiceConfig
 from tests.integration.e2e._service import (
     Client,
     base_env,
@@ -38,10 +39,21 @@ from tests.integration.e2e._service import (
 )
 
 # The shipped defaults for the heartbeat, the stale threshold, the reaper's interval and the
-# cancel grace, so the figures in docs/reliability.md are what an operator gets. Only these two
-# differ, to keep the tests short: a second attempt is the last, and a queued job's message is
-# re-sent after 30 s instead of 60 s.
+# cancel grace (set explicitly: the end-to-end environment shortens some of them), so the
+# figures in docs/reliability.md are what an operator gets. Only the last two differ, to keep
+# the tests short: a second attempt is the last, and a queued job's message is re-sent after
+# 30 s instead of 60 s.
+SHIPPED_DEFAULTS = (
+    "heartbeat_seconds",
+    "stale_after_seconds",
+    "reaper_interval_seconds",
+    "cancel_grace_seconds",
+)
 RELIABILITY_SETTINGS: dict[str, str] = {
+    **{
+        f"AMID_{name.upper()}": str(ServiceConfig.model_fields[name].default)
+        for name in SHIPPED_DEFAULTS
+    },
     "AMID_REDISPATCH_AFTER_SECONDS": "30",
     "AMID_MAX_ATTEMPTS": "2",
 }
@@ -89,7 +101,7 @@ class Service:
         """What became of each run_job message of this worker, in order: what the task returned
         ('succeeded', 'not_claimed', ...), read from Celery's log line for a finished task, or
         'dropped' for a stale message the main process dropped before any job process ran."""
-        found = re.findall(
+        found: list[tuple[str, str]] = re.findall(
             r"Task amid\.run_job\[[^\]]+\] succeeded in [\d.]+s: '(\w+)'"
             r"|job [0-9a-f]{32}: stale (message) dropped",
             self.output(),
