@@ -7,6 +7,7 @@ back. Store functions themselves never commit.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,6 +110,24 @@ def get_sessionmaker() -> sessionmaker[Session]:
             # expire_on_commit=False: the edges map rows to responses after the commit.
             factory = _sessionmakers[key] = sessionmaker(engine, expire_on_commit=False)
         return factory
+
+
+def _forget_engines_in_child() -> None:
+    # A forked process (a Celery pool process, a job process) inherits the parent's pooled
+    # connections; using them from both sides corrupts the protocol state (Postgres answers
+    # "prepared statement already exists"). The child drops its copies without closing them,
+    # which would close the parent's, and opens its own on first use.
+    for engine in _engines.values():
+        engine.dispose(close=False)
+    _engines.clear()
+    _sessionmakers.clear()
+    _lock.release()
+
+
+# The lock is held across the fork so that the child never inherits it taken by another thread.
+os.register_at_fork(
+    before=_lock.acquire, after_in_parent=_lock.release, after_in_child=_forget_engines_in_child
+)
 
 
 def reset_engine() -> None:
