@@ -72,6 +72,12 @@ def test_unreachable_api_is_one_line(
     assert code == 1 and "cannot reach the API" in err and "Traceback" not in err
 
 
+def _submit(capsys: pytest.CaptureFixture[str], secret: str, run_file: Path) -> str:
+    """The new job's id, submitted through the CLI."""
+    _, out, _ = _amid(capsys, "jobs", "--api-key", secret, "submit", str(run_file))
+    return out.strip()
+
+
 def _advance(job_id: str, end: str, final_uri: str | None = None) -> Callable[[float], None]:
     """A `sleep` for `wait`: each call moves the job one stage on, as a worker would."""
     stages = iter(range(4))
@@ -124,8 +130,7 @@ def test_wait_follows_until_the_end(
     end: str,
     code: int,
 ) -> None:
-    _, out, _ = _amid(capsys, "jobs", "--api-key", secret, "submit", str(run_file))
-    job_id = out.strip()
+    job_id = _submit(capsys, secret, run_file)
     monkeypatch.setattr(cli.jobs, "pause", _advance(job_id, end, "file:///s/final"))
     exit_code, out, err = _amid(
         capsys, "jobs", "--api-key", secret, "wait", job_id, "--interval", "0"
@@ -147,8 +152,7 @@ def test_wait_gives_up_only_when_the_job_stops_moving(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _, out, _ = _amid(capsys, "jobs", "--api-key", secret, "submit", str(run_file))
-    job_id = out.strip()
+    job_id = _submit(capsys, secret, run_file)
     advance = _advance(job_id, "succeeded")
     polls = iter(range(100))
 
@@ -185,8 +189,7 @@ def test_events_follow_stops_when_the_job_ends(
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _, out, _ = _amid(capsys, "jobs", "--api-key", secret, "submit", str(run_file))
-    job_id = out.strip()
+    job_id = _submit(capsys, secret, run_file)
     monkeypatch.setattr(cli.jobs, "pause", _advance(job_id, "succeeded"))
     code, out, _ = _amid(
         capsys, "jobs", "--api-key", secret, "events", job_id, "--follow", "--interval", "0"
@@ -202,8 +205,7 @@ def test_download_unpacks_the_student(
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    _, out, _ = _amid(capsys, "jobs", "--api-key", secret, "submit", str(run_file))
-    job_id = out.strip()
+    job_id = _submit(capsys, secret, run_file)
     code, _, err = _amid(capsys, "jobs", "--api-key", secret, "download", job_id, "-o", "x")
     assert code == 1 and "no final student" in err
 
