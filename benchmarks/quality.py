@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.report import machine_description, write_section
+from benchmarks.report import load_average, machine_description, write_section
 from core.callbacks import Callback, EvalReport
 from core.demo import DEMO_DIR
 from core.presets import PRESETS
@@ -248,7 +248,7 @@ def main() -> None:
     args = parser.parse_args()
     # One thread: on a shared 2-core machine, two threads that wait on each other are far slower.
     torch.set_num_threads(args.threads)
-    started = time.monotonic()
+    started, load_before = time.monotonic(), load_average()
     with tempfile.TemporaryDirectory() as scratch:
         study = Study(
             Kit.at(args.kit),
@@ -296,7 +296,8 @@ def main() -> None:
             "## Quality: every preset and the recommended recipe against KD, as the paper measures",
             "",
             f"Produced by `{command}` from the repository root, on {machine_description('cpu')}, "
-            f"in {minutes:.0f} minutes (the machine shared with other work).",
+            f"in {minutes:.0f} minutes; load average (1/5/15 min) {load_before} before, "
+            f"{load_average()} after.",
             "",
             f"Kit: `{args.kit.name}` (teacher `assets/teacher`, student `assets/student`). The "
             f"student is fine-tuned first ({args.sft_steps} SFT steps at {args.learning_rate:g}, "

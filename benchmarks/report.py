@@ -36,6 +36,11 @@ def cpu_model() -> str:
     return model
 
 
+def load_average() -> str:
+    """The 1, 5 and 15-minute load averages: a figure means little without what else ran beside it."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def machine_description(device: str) -> str:
     if device == "cuda":
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"

@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 import sqlalchemy as sa
 
-from benchmarks.report import cpu_model, write_section
+from benchmarks.report import cpu_model, load_average, write_section
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "core" / "demo"
@@ -239,10 +239,6 @@ def api_settings() -> str:
     )
 
 
-def load() -> str:
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
-
-
 def table(phases: list[Phase]) -> list[str]:
     lines = [
         "| operation | clients | requests | 2xx/s | p50 ms | p99 ms | p99 vs 1 client | 503 "
@@ -290,7 +286,7 @@ def main() -> None:
 
     from tests.integration.e2e._service import free_port
 
-    load_before = load()
+    load_before = load_average()
     with throwaway_database() as url, tempfile.TemporaryDirectory() as home:
         secrets, job_ids = seed(url, max(CLIENT_COUNTS))
         port = free_port()
@@ -304,7 +300,7 @@ def main() -> None:
         finally:
             api.terminate()
             api.wait(timeout=30)
-    load_after = load()
+    load_after = load_average()
 
     lines = table(phases)
     get_100 = next(p for p in phases if p.operation == "get" and p.clients == 100)
