@@ -1,7 +1,8 @@
 """The API under concurrent clients: latency and throughput of get, list and submit.
 
 Starts the real API (uvicorn, one process, as the API image runs it) on 127.0.0.1 against a
-throw-away Postgres database, then drives it with bounded async clients (httpx): for each
+throw-away Postgres database, then drives it with bounded async clients (one keep-alive
+connection each, `benchmarks.load_client`, lean enough not to be the bottleneck): for each
 operation and each client count, every client sends requests back to back for `--seconds`
 (at most `--max-requests` in all). Each client has its own API key, as a team's users do.
 The one-client run of each operation is the baseline its ratios are measured against.
@@ -31,10 +32,12 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import sqlalchemy as sa
 
+from benchmarks.load_client import Answer, Connection, ProtocolError
 from benchmarks.report import cpu_model, load_average, write_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +123,7 @@ def seed(database_url: str, keys: int) -> tuple[list[str], list[str]]:
     return secrets, job_ids
 
 
-def start_api(database_url: str, home: Path, port: int) -> subprocess.Popen[bytes]:
+def start_api(database_url: str, home: Path, port: int, workers: int) -> subprocess.Popen[bytes]:
     # The load settings under test (AMID_API_*) come from the environment; nothing else does.
     env = {
         k: v
@@ -138,7 +141,7 @@ def start_api(database_url: str, home: Path, port: int) -> subprocess.Popen[byte
         }
     )
     argv = [sys.executable, "-m", "uvicorn", "api.main:app", "--host", "127.0.0.1"]
-    argv += ["--port", str(port), "--log-level", "warning"]
+    argv += ["--port", str(port), "--workers", str(workers), "--log-level", "warning"]
     log = (home / "api.log").open("wb")
     return subprocess.Popen(argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -157,21 +160,21 @@ def wait_up(base: str, process: subprocess.Popen[bytes]) -> None:
     raise SystemExit(f"the API did not come up within {STARTUP_SECONDS:.0f}s")
 
 
-Request = Callable[[httpx.AsyncClient, int], Awaitable[httpx.Response]]
+Request = Callable[[Connection, int], Awaitable[Answer]]
 
 
 def requests_for(secrets: list[str], job_ids: list[str]) -> dict[str, Request]:
     def auth(client: int) -> dict[str, str]:
         return {"Authorization": f"Bearer {secrets[client]}"}
 
-    async def get(http: httpx.AsyncClient, client: int) -> httpx.Response:
-        return await http.get(f"/v1/jobs/{job_ids[client]}", headers=auth(client))
+    async def get(http: Connection, client: int) -> Answer:
+        return await http.request("GET", f"/v1/jobs/{job_ids[client]}", auth(client))
 
-    async def listing(http: httpx.AsyncClient, client: int) -> httpx.Response:
-        return await http.get("/v1/jobs", params={"limit": 20}, headers=auth(client))
+    async def listing(http: Connection, client: int) -> Answer:
+        return await http.request("GET", "/v1/jobs?limit=20", auth(client))
 
-    async def submit(http: httpx.AsyncClient, client: int) -> httpx.Response:
-        return await http.post("/v1/jobs", json=SUBMIT_BODY, headers=auth(client))
+    async def submit(http: Connection, client: int) -> Answer:
+        return await http.request("POST", "/v1/jobs", auth(client), SUBMIT_BODY)
 
     return {"get": get, "list": listing, "submit": submit}
 
@@ -179,31 +182,33 @@ def requests_for(secrets: list[str], job_ids: list[str]) -> dict[str, Request]:
 async def run_phase(
     base: str, phase: Phase, request: Request, seconds: float, max_requests: int
 ) -> None:
-    limits = httpx.Limits(max_connections=phase.clients, max_keepalive_connections=phase.clients)
+    address = urlsplit(base)
+    host, port = address.hostname or "127.0.0.1", address.port or 80
     sent = 0
-    async with httpx.AsyncClient(
-        base_url=base, limits=limits, timeout=REQUEST_TIMEOUT_SECONDS
-    ) as http:
-        started = time.monotonic()
-        deadline = started + seconds
+    started = time.monotonic()
+    deadline = started + seconds
 
-        async def client(index: int) -> None:
-            nonlocal sent
+    async def client(index: int) -> None:
+        nonlocal sent
+        http = Connection(host, port, REQUEST_TIMEOUT_SECONDS)
+        try:
             while time.monotonic() < deadline and sent < max_requests:
                 sent += 1
                 before = time.monotonic()
                 try:
-                    response = await request(http, index)
-                except httpx.HTTPError as exc:
+                    answer = await request(http, index)
+                except (OSError, TimeoutError, asyncio.IncompleteReadError, ProtocolError) as exc:
                     phase.client_errors[type(exc).__name__] += 1
                     continue
                 phase.latencies_ms.append((time.monotonic() - before) * 1000)
-                phase.statuses[response.status_code] += 1
-                if response.status_code == 503 and "retry-after" not in response.headers:
+                phase.statuses[answer.status] += 1
+                if answer.status == 503 and "retry-after" not in answer.headers:
                     phase.bad_503 += 1
+        finally:
+            await http.close()
 
-        await asyncio.gather(*(client(index) for index in range(phase.clients)))
-        phase.seconds = time.monotonic() - started
+    await asyncio.gather(*(client(index) for index in range(phase.clients)))
+    phase.seconds = time.monotonic() - started
 
 
 async def healthz_during(base: str, phase: Awaitable[None]) -> list[float]:
@@ -281,6 +286,9 @@ def main() -> None:
     parser.add_argument(
         "--max-requests", type=int, default=20_000, help="Cap on the requests of each phase."
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="uvicorn processes (the API image runs one)."
+    )
     parser.add_argument("--write", type=Path, help="Write the table into this BENCHMARKS.md.")
     args = parser.parse_args()
 
@@ -291,7 +299,7 @@ def main() -> None:
         secrets, job_ids = seed(url, max(CLIENT_COUNTS))
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        api = start_api(url, Path(home), port)
+        api = start_api(url, Path(home), port, args.workers)
         try:
             wait_up(base, api)
             phases, health = asyncio.run(
@@ -308,8 +316,8 @@ def main() -> None:
     fast_get = get_100.percentile(0.99) < GET_P99_TARGET_MS
     summary = [
         f"Machine: {machine()}; load average (1/5/15 min) {load_before} before, "
-        f"{load_after} after. One uvicorn process on Postgres, {api_settings()}; "
-        f"{args.seconds:g} s per row; one httpx client process on the same cores.",
+        f"{load_after} after. {args.workers} uvicorn process(es) on Postgres, {api_settings()}; "
+        f"{args.seconds:g} s per row; one client process (`benchmarks.load_client`) on the same cores.",
         "",
         *lines,
         "",
