@@ -454,7 +454,7 @@ def render_faults(part: Faults | None) -> list[str]:
         "Settings: "
         + ", ".join(f"`{name}={value}`" for name, value in RELIABILITY_SETTINGS.items())
         + " (the first four are the shipped defaults; README, Configuration). Timings are on "
-        "this machine (a 2-core CPU shared with other work, no GPU).",
+        "this machine (see the first line), and grow when other work loads it.",
         "",
     ]
     if part.records:
