@@ -100,6 +100,14 @@ class ServiceConfig(BaseSettings):
         ),
     )
 
+    wandb_project: str | None = Field(
+        None,
+        description=(
+            "W&B project every job's metrics go to, one run per job (unset: none). Needs `pip "
+            "install wandb` on the workers; WANDB_API_KEY and W&B's other variables are its own."
+        ),
+    )
+
     # -- the API under load ----------------------------------------------------------------------
     api_concurrency: int = Field(
         32,

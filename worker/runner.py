@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from core.callbacks import Callback
 from core.datafiles import within_roots
 from core.errors import AmidError
 from core.settings import DistillSettings
@@ -30,6 +31,7 @@ from store.states import JobStatus
 from worker.db_retry import with_session
 from worker.reporter import DbReporter, Heartbeat
 from worker.tensorboard import TensorBoardWriter
+from worker.wandb_reporter import WandbReporter
 from worker.watchdog import Watchdog
 
 logger = logging.getLogger(__name__)
@@ -60,6 +62,22 @@ def _resolve_source(
     if not local.exists():
         artifacts.download_dir(final_uri, local)
     return str(local)
+
+
+def _wandb(
+    project: str, job_id: str, stored: dict[str, Any], work_dir: Path, reporter: Callback
+) -> list[Callback]:
+    """The W&B reporter, or none, with an event saying why, when W&B cannot be used."""
+    try:
+        return [WandbReporter(project, job_id, stored, work_dir / "wandb")]
+    except ImportError:
+        reporter.on_event(
+            "wandb_unavailable",
+            "AMID_WANDB_PROJECT is set but the worker has no `wandb` package "
+            "(pip install wandb): this job reports to W&B nothing",
+            {"project": project},
+        )
+        return []
 
 
 def _resume_point(
@@ -206,9 +224,10 @@ def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> s
         resume_from = _resume_point(job_id, artifacts, work_dir / "resume", reporter)
 
     tensorboard = TensorBoardWriter(work_dir / "tensorboard")
-    result = distill(
-        settings, work_dir / "run", callbacks=[reporter, tensorboard], resume_from=resume_from
-    )
+    callbacks: list[Callback] = [reporter, tensorboard]
+    if config.wandb_project:
+        callbacks += _wandb(config.wandb_project, job_id, stored, work_dir, reporter)
+    result = distill(settings, work_dir / "run", callbacks=callbacks, resume_from=resume_from)
     reporter.upload_metrics()
     tensorboard.upload(artifacts, job_id)
 

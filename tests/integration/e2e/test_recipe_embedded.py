@@ -1,6 +1,7 @@
 """The paper's recipe through the embedded default over REST: an SFT job, then a distillation of
 its student (`job:<id>`) with an init phase, adaptive student-generated outputs, the LM term and
-best-checkpoint selection, each visible in the job's events, metrics and record."""
+best-checkpoint selection, each visible in the job's events, metrics and record; then an
+on-policy distillation without the adaptive schedule."""
 
 from __future__ import annotations
 
@@ -87,6 +88,23 @@ def test_sft_job_then_the_whole_recipe_over_rest(tmp_path: Path) -> None:
         }
         assert best_step == min(kls, key=lambda step: kls[step])
         assert "preflight/w_median" in job["latest_metrics"]
+
+        # On-policy without the adaptive schedule: every micro-batch is the student's own.
+        on_policy = job_body(
+            student=f"job:{sft_id}",
+            preset="kd",
+            max_steps=2,
+            student_outputs={"fraction": 1.0, "adaptive": False, "max_new_tokens": 4},
+        )
+        on_policy_id = client.submit(on_policy).json()["id"]
+        job = client.wait_status(on_policy_id, {"succeeded", "failed", "cancelled"}, 240)
+        assert job["status"] == "succeeded", job
+        generated = [
+            m["value"]
+            for m in client.items(on_policy_id, "metrics")
+            if m["name"] == "train/student_output_batches"
+        ]
+        assert generated == [1.0, 1.0]  # one micro-batch a step, both sampled by the student
     finally:
         client.close()
         stop(server)

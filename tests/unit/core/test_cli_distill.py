@@ -142,3 +142,23 @@ def test_distill_runs_the_recipe_an_sft_run_then_every_part(
     losses = {x["step"]: x["eval/loss"] for x in lines if "eval/loss" in x and x["step"] > 1}
     best = min(losses, key=lambda step: losses[step])
     assert f"the final student (eval/loss): step {best}" in done.stdout
+
+    # On-policy without the adaptive schedule: every micro-batch is the student's own.
+    on_policy = {
+        "teacher": "teacher",
+        "student": "sft/final",
+        "preset": "kd",
+        "max_steps": 2,
+        "student_outputs": {"fraction": 1.0, "adaptive": False, "max_new_tokens": 4},
+        **common,
+    }
+    (tmp_path / "on-policy.yaml").write_text(yaml.safe_dump(on_policy), encoding="utf-8")
+    done = _amid("distill", "on-policy.yaml", "--output", "on-policy", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    metrics = (tmp_path / "on-policy" / "metrics.jsonl").read_text().splitlines()
+    generated = [
+        x["train/student_output_batches"]
+        for x in map(json.loads, metrics)
+        if "train/student_output_batches" in x
+    ]
+    assert generated == [1.0, 1.0]  # one micro-batch a step, both sampled by the student
