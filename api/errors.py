@@ -44,6 +44,10 @@ class Unauthorized(AmidError):
     status_code = 401
 
 
+class Forbidden(AmidError):
+    status_code = 403
+
+
 class BodyTooLarge(StarletteHTTPException):
     """Raised while the body is read; FastAPI passes HTTPExceptions through its body parsing."""
 

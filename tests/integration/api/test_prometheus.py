@@ -1,0 +1,77 @@
+"""GET /metrics on Postgres: the pool's series as Prometheus reads them, for admin keys only.
+
+The database is shared with the other API tests, so store-wide counts are checked as changes
+across the test's own writes, and per-owner series through keys made here.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.orm import Session
+
+from store import jobs
+from store.keys import create_api_key
+from store.models import Job
+from tests.integration.e2e._service import job_body
+
+
+def _scrape(client: TestClient, headers: dict[str, str]) -> dict[tuple[str, tuple], float]:
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def test_metrics_carry_states_queues_waits_speeds_and_busy_workers(
+    client: TestClient, make_key, db: Session
+) -> None:
+    admin = make_key(admin=True)
+    before = _scrape(client, admin)
+    owner, _ = create_api_key(db, "team-a")
+    queued = [jobs.create_job(db, job_body(), owner.id, None, 3)[0] for _ in range(3)]
+    db.commit()
+    running = jobs.claim_job(db, queued[0].id, "gpu-host:7:gpu0")
+    assert running is not None
+    # 30 steps in the 10 s between its start and its last heartbeat; it waited 4 s in the queue.
+    row = db.get(Job, running.id)
+    assert row is not None and row.started_at is not None
+    row.created_at = row.started_at - timedelta(seconds=4)
+    row.heartbeat_at = row.started_at + timedelta(seconds=10)
+    row.progress_step = 30
+    db.commit()
+    after = _scrape(client, admin)
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("amid_jobs", state="queued") == 2
+    assert delta("amid_jobs", state="running") == 1
+    assert after[("amid_queue_depth", (("owner", owner.id), ("owner_name", "team-a")))] == 2
+    assert delta("amid_queue_wait_seconds_count") == 1
+    assert delta("amid_queue_wait_seconds_bucket", le="1") == 0
+    assert delta("amid_queue_wait_seconds_bucket", le="5") == 1
+    assert delta("amid_queue_wait_seconds_sum") == 4
+    speed = after[
+        (
+            "amid_job_steps_per_second",
+            (("job", running.id), ("owner", owner.id), ("worker", "gpu-host:7:gpu0")),
+        )
+    ]
+    assert speed == 3.0
+    assert after[("amid_workers_busy", ())] >= 1
+
+
+def test_metrics_are_for_admin_keys(client: TestClient, make_key) -> None:
+    assert client.get("/metrics").status_code == 401
+    response = client.get("/metrics", headers=make_key())
+    assert response.status_code == 403
+    assert response.json()["error"] == "Forbidden"
+    assert "admin" in response.json()["detail"]
