@@ -139,21 +139,23 @@ class Study:
         self,
         start: Path,
         at_start: dict[str, float],
-        names: list[str],
+        methods: dict[str, dict[str, Any]],
         *,
         lr: float,
         steps: int,
         tag: str,
     ) -> tuple[dict[str, list[Curve]], dict[str, str]]:
-        """Each method's curves over the training seeds, and the methods refused (why)."""
+        """Each method's curves over the training seeds, and the methods refused (why).
+
+        `methods` maps a label to its loss settings (a preset, and any knob it overrides)."""
         curves: dict[str, list[Curve]] = defaultdict(list)
         refused: dict[str, str] = {}
         for seed in range(self.seeds):
-            for name in names:
+            for name, loss in methods.items():
                 if name in refused:
                     continue
                 settings = self.settings(
-                    start, preset=name, max_steps=steps, learning_rate=lr, seed=seed
+                    start, **loss, max_steps=steps, learning_rate=lr, seed=seed
                 )
                 try:
                     curve = self.run(f"{tag}-{name}-seed{seed}", settings, at_start)
@@ -163,6 +165,15 @@ class Study:
                     continue
                 curves[name].append(curve)
         return curves, refused
+
+
+def amid_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """`--amid ALPHA,LAMBDA`: the `amid` preset (D_AB^(0.2,0.7), teacher anchor) at other knobs."""
+    try:
+        alpha, lam = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ALPHA,LAMBDA, got {text!r}") from None
+    return f"amid α={alpha:g} λ={lam:g}", {"preset": "amid", "alpha": alpha, "lambda": lam}
 
 
 def _final(curves: list[Curve], metric: str) -> list[float]:
@@ -243,6 +254,14 @@ def main() -> None:
     parser.add_argument("--eval-size", type=int, default=32, help="held-out prompts")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="the SFT rate")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--amid",
+        type=amid_variant,
+        action="append",
+        default=[],
+        metavar="ALPHA,LAMBDA",
+        help="also distil the SFT student with `amid` at these α, λ (repeatable)",
+    )
     parser.add_argument("--write", type=Path, help="put the tables in this markdown file")
     parser.add_argument("--plot", type=Path, default=Path("benchmarks/quality.png"))
     args = parser.parse_args()
@@ -265,13 +284,14 @@ def main() -> None:
         # The SFT run's own evaluations: the untrained student (step 0) and the SFT student.
         untrained_point, sft_point = sft.points[0], sft.points[max(sft.points)]
         distil_lr = args.learning_rate / 5
+        tuned_methods = {name: {"preset": name} for name in PRESETS} | dict(args.amid)
         tuned, tuned_refused = study.methods(
-            start, sft_point, list(PRESETS), lr=distil_lr, steps=args.steps, tag="sft"
+            start, sft_point, tuned_methods, lr=distil_lr, steps=args.steps, tag="sft"
         )
         untrained, untrained_refused = study.methods(
             args.kit / "assets" / "student",
             untrained_point,
-            list(UNTRAINED_METHODS),
+            {name: {"preset": name} for name in UNTRAINED_METHODS},
             lr=args.learning_rate,
             steps=args.untrained_steps,
             tag="untrained",
@@ -287,7 +307,9 @@ def main() -> None:
     command = (
         f"python -m benchmarks.quality --sft-steps {args.sft_steps} --steps {args.steps} "
         f"--untrained-steps {args.untrained_steps} --seeds {args.seeds} --eval-every "
-        f"{args.eval_every} --eval-size {args.eval_size} --write {args.write}"
+        f"{args.eval_every} --eval-size {args.eval_size}"
+        + "".join(f" --amid {loss['alpha']:g},{loss['lambda']:g}" for _, loss in args.amid)
+        + f" --write {args.write}"
     )
     write_section(
         args.write,
