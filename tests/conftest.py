@@ -7,9 +7,12 @@ Service-backed tests skip on a developer machine without Postgres/Redis, but fai
 from __future__ import annotations
 
 import os
+import sys
+import types
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,3 +74,33 @@ def redis_url() -> str:
     finally:
         client.close()
     return REDIS_URL
+
+
+class RecordedWandbRun:
+    """What a W&B run was given (the `wandb_runs` fixture stands in for `wandb`)."""
+
+    def __init__(self, **init: Any) -> None:
+        self.init = init
+        self.logged: list[tuple[int, dict[str, float]]] = []
+        self.summary: dict[str, Any] = {}
+        self.finished = False
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.logged.append((step, dict(metrics)))
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+@pytest.fixture
+def wandb_runs(monkeypatch: pytest.MonkeyPatch) -> list[RecordedWandbRun]:
+    started: list[RecordedWandbRun] = []
+    fake = types.ModuleType("wandb")
+
+    def init(**kwargs: Any) -> RecordedWandbRun:
+        started.append(RecordedWandbRun(**kwargs))
+        return started[-1]
+
+    fake.init = init  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    return started

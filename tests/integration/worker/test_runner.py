@@ -19,6 +19,7 @@ from store.artifacts import get_artifact_store
 from store.config import get_config
 from store.db import reset_engine, session_scope, upgrade
 from store.models import Job
+from tests.conftest import RecordedWandbRun
 from tests.integration.e2e._service import DEMO, job_body
 
 pytestmark = pytest.mark.integration
@@ -254,3 +255,17 @@ def test_resume_starts_over_when_no_checkpoint_is_readable(
     assert seen == [None]
     types = _event_types(job_id)
     assert types.count("checkpoint_unreadable") == 2 and "started_over" in types
+
+
+def test_a_worker_configured_for_wandb_reports_the_job_there(
+    db: str, monkeypatch: pytest.MonkeyPatch, wandb_runs: list[RecordedWandbRun]
+) -> None:
+    monkeypatch.setenv("AMID_WANDB_PROJECT", "team-distill")
+    get_config.cache_clear()
+    monkeypatch.setattr("core.train.distill", _fake_distill(2))
+    job_id = _new_job()
+    assert _run_task(job_id) == "succeeded"
+    [run] = wandb_runs
+    assert run.init["project"] == "team-distill" and run.init["id"] == job_id
+    assert [step for step, _ in run.logged] == [1, 2]
+    assert run.finished

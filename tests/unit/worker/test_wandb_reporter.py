@@ -1,53 +1,25 @@
 """W&B reporting: what a job's run receives, and a worker configured without the package.
 
-W&B itself (its service and servers) is not what these tests are about: `wandb` is replaced by a
-recorder with the same calls (`init`, `Run.log`, `Run.summary`, `Run.finish`).
+W&B itself (its service and servers) is not what these tests are about: `wandb` is replaced by
+the recorder of `tests/conftest.py` (the `wandb_runs` fixture).
 """
 
 from __future__ import annotations
 
 import sys
-import types
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from core.callbacks import Callback, EvalReport, RunResult, StepReport
+from tests.conftest import RecordedWandbRun
 from worker import runner
 from worker.wandb_reporter import WandbReporter
 
 
-class RecordedRun:
-    def __init__(self, **init: Any) -> None:
-        self.init = init
-        self.logged: list[tuple[int, dict[str, float]]] = []
-        self.summary: dict[str, Any] = {}
-        self.finished = False
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        self.logged.append((step, dict(metrics)))
-
-    def finish(self) -> None:
-        self.finished = True
-
-
-@pytest.fixture
-def runs(monkeypatch: pytest.MonkeyPatch) -> list[RecordedRun]:
-    started: list[RecordedRun] = []
-    fake = types.ModuleType("wandb")
-
-    def init(**kwargs: Any) -> RecordedRun:
-        started.append(RecordedRun(**kwargs))
-        return started[-1]
-
-    fake.init = init  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    return started
-
-
 def test_a_job_is_one_run_with_its_settings_steps_and_evaluations(
-    runs: list[RecordedRun], tmp_path: Path
+    wandb_runs: list[RecordedWandbRun], tmp_path: Path
 ) -> None:
     settings = {"preset": "amid", "alpha": -5.0, "lambda": 0.1}
     reporter = WandbReporter("team-distill", "job123", settings, tmp_path / "wandb")
@@ -57,7 +29,7 @@ def test_a_job_is_one_run_with_its_settings_steps_and_evaluations(
     reporter.on_eval(EvalReport(2, {"eval/rouge_l": 0.3}))
     reporter.on_end(RunResult("completed", 2, tmp_path / "final", {}, None))
 
-    [run] = runs
+    [run] = wandb_runs
     assert run.init["project"] == "team-distill"
     assert run.init["id"] == run.init["name"] == "job123"
     assert run.init["resume"] == "allow"  # a retried attempt continues the same run
@@ -93,9 +65,9 @@ def test_a_worker_configured_without_wandb_says_so_and_trains_on(
 
 
 def test_a_configured_worker_hands_the_run_its_reporter(
-    runs: list[RecordedRun], tmp_path: Path
+    wandb_runs: list[RecordedWandbRun], tmp_path: Path
 ) -> None:
     events = Events()
     [callback] = runner._wandb("team-distill", "job123", {"seed": 0}, tmp_path, events)
     assert isinstance(callback, WandbReporter) and events.seen == []
-    assert runs[0].init["dir"] == str(tmp_path / "wandb")
+    assert wandb_runs[0].init["dir"] == str(tmp_path / "wandb")
