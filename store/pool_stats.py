@@ -8,7 +8,7 @@ the same, and nothing is lost when one restarts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -35,11 +35,6 @@ class PoolStats:
     busy_workers: int  # workers holding a running job whose heartbeat is fresh
 
 
-def _aware(moment: datetime) -> datetime:
-    # SQLite hands back naive datetimes; the store writes UTC.
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-
-
 def pool_stats(session: Session, *, stale_after_seconds: float) -> PoolStats:
     now = utcnow()
     counts = dict(
@@ -59,7 +54,7 @@ def pool_stats(session: Session, *, stale_after_seconds: float) -> PoolStats:
         sa.select(Job.created_at, Job.started_at).where(Job.started_at.is_not(None))
     )
     waits = [
-        max(0.0, (_aware(start) - _aware(created)).total_seconds())
+        max(0.0, (start - created).total_seconds())
         for created, start in started
         if start is not None
     ]
@@ -75,9 +70,9 @@ def pool_stats(session: Session, *, stale_after_seconds: float) -> PoolStats:
     for job_id, owner, worker, step, start, heartbeat in rows:
         if heartbeat is None or start is None or worker is None:
             continue
-        if _aware(heartbeat) >= fresh_since:
+        if heartbeat >= fresh_since:
             busy.add(worker)
         # Over the job's whole run so far (a resumed attempt's steps count from its first start).
-        seconds = (_aware(heartbeat) - _aware(start)).total_seconds()
+        seconds = (heartbeat - start).total_seconds()
         running.append(RunningJob(job_id, owner, worker, step / seconds if seconds > 0 else 0.0))
     return PoolStats(jobs_by_state, queued_by_owner, waits, running, len(busy))
