@@ -6,8 +6,9 @@ runs `import api.main` with torch made unimportable).
 
 from __future__ import annotations
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
+from api.deps import single_valued_query
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
 from api.overload import ConcurrencyLimit, sized_thread_pool
@@ -35,6 +36,7 @@ def create_app() -> FastAPI:
         # /docs is served from this package's assets (install_docs), not from a CDN.
         docs_url=None,
         redoc_url=None,
+        dependencies=[Depends(single_valued_query)],
     )
     install_error_handlers(app)
     app.add_middleware(BodySizeLimit)

@@ -112,6 +112,26 @@ def get_sessionmaker() -> sessionmaker[Session]:
         return factory
 
 
+def get_read_sessionmaker() -> sessionmaker[Session]:
+    """Sessions for requests that only read: on Postgres each statement runs in autocommit.
+
+    A read that is one statement needs no transaction around it, and skipping BEGIN and the
+    closing ROLLBACK halves a read request's round trips to the database. SQLite keeps the
+    ordinary sessions (its connections are local; there is nothing to save).
+    """
+    engine = get_engine()
+    if engine.dialect.name == "sqlite":
+        return get_sessionmaker()
+    key = "read:" + engine.url.render_as_string(hide_password=False)
+    with _lock:
+        factory = _sessionmakers.get(key)
+        if factory is None:
+            # The same pool as the writers': a read still holds at most one connection.
+            autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
+            factory = _sessionmakers[key] = sessionmaker(autocommit, expire_on_commit=False)
+        return factory
+
+
 def _forget_engines_in_child() -> None:
     # A forked process (a Celery pool process, a job process) inherits the parent's pooled
     # connections; using them from both sides corrupts the protocol state (Postgres answers

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Query, Request, Response, status
 from starlette.concurrency import run_in_threadpool
 
 from api import files
-from api.deps import CallerDep, SessionDep
+from api.deps import CallerDep, ReaderDep, SessionDep
 from api.schemas import ErrorOut
 from store import files as file_store
 from store.artifacts import get_artifact_store
@@ -77,17 +77,18 @@ async def upload_file(
 
 
 @router.get("", response_model=files.FileList, summary="Your uploads, newest first")
-def list_files(
-    session: SessionDep,
-    caller: CallerDep,
+async def list_files(
+    reader: ReaderDep,
     purpose: Annotated[Purpose | None, Query(description="Only datasets or only models.")] = None,
 ) -> files.FileList:
-    return files.list_files(session, caller, purpose)
+    return await reader.read(lambda session, caller: files.list_files(session, caller, purpose))
 
 
 @router.get("/{file_id}", response_model=files.FileOut, summary="One upload")
-def get_file(session: SessionDep, caller: CallerDep, file_id: FileId) -> files.FileOut:
-    return files.file_out(file_store.get_file(session, file_id, caller.scope))
+async def get_file(reader: ReaderDep, file_id: FileId) -> files.FileOut:
+    return await reader.read(
+        lambda session, caller: files.file_out(file_store.get_file(session, file_id, caller.scope))
+    )
 
 
 @router.delete("/{file_id}", status_code=status.HTTP_204_NO_CONTENT, summary="Delete an upload")

@@ -9,7 +9,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import ValidatorFunctionWrapHandler, WrapValidator
 
 from api import service
-from api.deps import CallerDep, EnqueueDep, SessionDep
+from api.deps import CallerDep, EnqueueDep, ReaderDep, SessionDep
 from api.downloads import stream_artifact
 from api.schemas import (
     CheckpointList,
@@ -111,10 +111,9 @@ def submit_job(
 
 
 @router.get("", response_model=JobPage, summary="List jobs, newest first")
-def list_jobs(
+async def list_jobs(
     *,
-    session: SessionDep,
-    caller: CallerDep,
+    reader: ReaderDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     after: Annotated[
         str | None, Query(max_length=200, description="`next_cursor` of the previous page.")
@@ -129,19 +128,20 @@ def list_jobs(
         str | None, Query(max_length=64, description="Jobs of this API key id (admins).")
     ] = None,
 ) -> JobPage:
-    return service.list_jobs(
-        session,
-        caller,
-        status=status.value if status else None,
-        limit=limit,
-        after=after,
-        filters=JobFilters(name=name, tag=tag, owner=owner),
+    filters = JobFilters(name=name, tag=tag, owner=owner)
+    state = status.value if status else None
+    return await reader.read(
+        lambda session, caller: service.list_jobs(
+            session, caller, status=state, limit=limit, after=after, filters=filters
+        )
     )
 
 
 @router.get("/{job_id}", response_model=JobOut, summary="One job")
-def get_job(session: SessionDep, caller: CallerDep, job_id: JobId) -> JobOut:
-    return job_out(service.load_job(session, caller, job_id))
+async def get_job(reader: ReaderDep, job_id: JobId) -> JobOut:
+    return await reader.read(
+        lambda session, caller: job_out(service.load_job(session, caller, job_id))
+    )
 
 
 @router.post(
@@ -155,23 +155,25 @@ def cancel_job(session: SessionDep, caller: CallerDep, job_id: JobId) -> JobOut:
 
 
 @router.get("/{job_id}/events", response_model=EventPage, summary="A job's events, in order")
-def list_events(
-    session: SessionDep,
-    caller: CallerDep,
+async def list_events(
+    reader: ReaderDep,
     job_id: JobId,
     after: Annotated[
         int | None, Query(ge=0, le=2**62, description="Only events after this id.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> EventPage:
-    return service.list_events(session, caller, job_id, after=after, limit=limit)
+    return await reader.read(
+        lambda session, caller: service.list_events(
+            session, caller, job_id, after=after, limit=limit
+        )
+    )
 
 
 @router.get("/{job_id}/metrics", response_model=MetricSeries, summary="A job's metric series")
-def list_metrics(
+async def list_metrics(
     *,
-    session: SessionDep,
-    caller: CallerDep,
+    reader: ReaderDep,
     job_id: JobId,
     name: Annotated[
         str | None,
@@ -185,14 +187,18 @@ def list_metrics(
     after_step: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
 ) -> MetricSeries:
-    return service.list_metrics(
-        session, caller, job_id, name=name, after_step=after_step, limit=limit
+    return await reader.read(
+        lambda session, caller: service.list_metrics(
+            session, caller, job_id, name=name, after_step=after_step, limit=limit
+        )
     )
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList, summary="A job's checkpoints")
-def list_checkpoints(session: SessionDep, caller: CallerDep, job_id: JobId) -> CheckpointList:
-    return service.list_checkpoints(session, caller, job_id)
+async def list_checkpoints(reader: ReaderDep, job_id: JobId) -> CheckpointList:
+    return await reader.read(
+        lambda session, caller: service.list_checkpoints(session, caller, job_id)
+    )
 
 
 @router.get(

@@ -156,6 +156,9 @@ def test_list_pages_by_cursor_and_filters_by_status(client: TestClient, make_key
         ({"limit": 101}, "limit"),
         ({"status": "sleeping"}, "status"),
         ({"after": "garbage!"}, "after"),
+        # Given twice, a value would otherwise go unchecked: only the last one is read.
+        ({"name": ["\x0f", "fine"]}, "name"),
+        ({"limit": ["5", "5"]}, "limit"),
     ],
 )
 def test_bad_list_parameters_name_the_field(
