@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
 from api.overload import ConcurrencyLimit, sized_thread_pool
-from api.routes import artifacts, files, health, jobs, prometheus, ui
+from api.routes import artifacts, files, health, jobs, prometheus, ui, webhooks
 from api.routes.docs import install_docs
 
 DESCRIPTION = """
@@ -45,6 +45,7 @@ def create_app() -> FastAPI:
     app.include_router(artifacts.router)
     app.include_router(files.router)
     app.include_router(prometheus.router)
+    app.include_router(webhooks.router)
     app.include_router(ui.router)
     install_docs(app)
     return app
