@@ -51,9 +51,7 @@ class Receiver:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 with receiver._lock:
                     receiver.received.append(
-                        Received(
-                            self.path, {k.lower(): v for k, v in self.headers.items()}, body
-                        )
+                        Received(self.path, {k.lower(): v for k, v in self.headers.items()}, body)
                     )
                     status = receiver._answers.pop(0) if receiver._answers else 200
                 self.send_response(status)

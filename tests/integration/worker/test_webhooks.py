@@ -133,7 +133,8 @@ def test_every_way_a_job_ends_is_posted_signed(db: str) -> None:
             assert body["type"] == delivery.headers["amid-event"] == f"job.{status}"
             assert body["id"] == delivery.headers["amid-delivery"]
             assert body["job"]["status"] == status
-            assert body["job"]["finished_at"] == finished_at[job_id].isoformat()
+            stamp = finished_at[job_id]
+            assert stamp is not None and body["job"]["finished_at"] == stamp.isoformat()
         assert json.loads(received[succeeded].body)["job"]["student_uri"] == (
             "file:///artifacts/final"
         )
@@ -183,9 +184,7 @@ def test_a_failed_attempt_is_retried_after_the_backoff(db: str) -> None:
         attempts = receiver.wait(2, timeout=5)
         assert [e["type"] for e in _events(job_id)] == ["webhook_failed", "webhook_delivered"]
         # One delivery, attempted twice, each attempt signed on its own.
-        assert {a.headers["amid-delivery"] for a in attempts} == {
-            first[0]["data"]["delivery_id"]
-        }
+        assert {a.headers["amid-delivery"] for a in attempts} == {first[0]["data"]["delivery_id"]}
         assert all(verify(secret, a.body, a.headers["amid-signature"]) for a in attempts)
         with session_scope() as session:
             row = session.get_one(WebhookDelivery, first[0]["data"]["delivery_id"])
