@@ -1,9 +1,12 @@
 """Webhook settings through the API and the CLI: a job's `webhook_url` is checked (422 naming the
-field) and shown; a key reads its signing secret; `amid keys create --webhook-url`."""
+field) and shown; a key reads its signing secret; `amid keys create --webhook-url` and
+`amid jobs submit --webhook-url`."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -12,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from cli.main import main
 from store.models import ApiKey, Job
+from tests.integration.api._client import run_amid
 
 pytestmark = pytest.mark.integration
 
@@ -92,3 +96,18 @@ def test_keys_create_takes_a_checked_default_webhook_url(
     assert main(["keys", "list"]) == 0
     listed = [line for line in capsys.readouterr().out.splitlines() if f"webhook {url}" in line]
     assert len(listed) == 1 and listed[0].endswith(f"ci  webhook {url}")
+
+
+def test_jobs_submit_sends_the_webhook_url(
+    wired: None, secret: str, run_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = ("jobs", "--api-key", secret)
+    url = "https://hooks.example.com/amid"
+    code, out, _ = run_amid(capsys, *key, "submit", str(run_file), "--webhook-url", url)
+    assert code == 0
+    code, shown, _ = run_amid(capsys, *key, "get", out.strip())
+    assert code == 0 and json.loads(shown)["webhook_url"] == url
+
+    code, out, err = run_amid(capsys, *key, "submit", str(run_file), "--webhook-url", "ftp://x")
+    assert code == 1 and out == ""
+    assert err.startswith("error: webhook_url: must be an http:// or https:// URL")
