@@ -46,6 +46,10 @@ def check_webhook_url(url: str) -> str:
     if any(char.isspace() or ord(char) < 0x20 or ord(char) == 0x7F for char in url):
         raise ValueError("must not contain spaces or control characters")
     try:
+        url.encode()
+    except UnicodeEncodeError as exc:  # a lone surrogate: no database or request can carry it
+        raise ValueError("must be valid Unicode text") from exc
+    try:
         parts = urlsplit(url)
         _ = parts.port  # a port that is no number raises here
     except ValueError as exc:

@@ -35,12 +35,18 @@ BODY: dict[str, Any] = {"teacher": "gpt2", "student": "distilgpt2", "dataset": "
         ("http://example.com:99999/hook", "is not a valid URL"),
         ("http://exa mple.com/hook", "must not contain spaces or control characters"),
         ("https://example.com/" + "a" * 2048, "at most 2048 characters"),
+        ("https://example.com/\ud800", "unable to parse raw data as a unicode string"),
     ],
 )
 def test_a_bad_webhook_url_is_a_422_naming_the_field(
     client: TestClient, make_key: MakeKey, url: str, reason: str
 ) -> None:
-    response = client.post("/v1/jobs", json={**BODY, "webhook_url": url}, headers=make_key())
+    # JSON with ASCII escapes, as a client would send a lone surrogate ("\ud800").
+    response = client.post(
+        "/v1/jobs",
+        content=json.dumps({**BODY, "webhook_url": url}),
+        headers={**make_key(), "content-type": "application/json"},
+    )
     assert response.status_code == 422, response.text
     error = response.json()
     assert error["field"] == "webhook_url"
@@ -83,6 +89,9 @@ def test_keys_create_takes_a_checked_default_webhook_url(
 ) -> None:
     assert main(["keys", "create", "bad", "--webhook-url", "ftp://example.com/x"]) == 2
     assert "--webhook-url: must be an http:// or https:// URL" in capsys.readouterr().err
+    # Bytes that are no UTF-8 reach argv as lone surrogates: refused, not stored.
+    assert main(["keys", "create", "bad", "--webhook-url", "https://example.com/\udcff"]) == 2
+    assert "--webhook-url: must be valid Unicode text" in capsys.readouterr().err
 
     url = "https://ci.example.com/hooks/amid"
     assert main(["keys", "create", "ci", "--webhook-url", url]) == 0
