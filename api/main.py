@@ -12,7 +12,7 @@ from api.deps import single_valued_query
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
 from api.overload import ConcurrencyLimit, sized_thread_pool
-from api.routes import artifacts, files, health, jobs, prometheus, ui
+from api.routes import artifacts, files, health, jobs, prometheus, ui, webhooks
 from api.routes.docs import install_docs
 
 DESCRIPTION = """
@@ -47,6 +47,7 @@ def create_app() -> FastAPI:
     app.include_router(artifacts.router)
     app.include_router(files.router)
     app.include_router(prometheus.router)
+    app.include_router(webhooks.router)
     app.include_router(ui.router)
     install_docs(app)
     return app

@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from core.settings import DistillSettings
-from store.models import Checkpoint, Job, JobEvent, JobMetric
+from store.models import WEBHOOK_URL_MAX_LENGTH, Checkpoint, Job, JobEvent, JobMetric
+from store.webhooks import check_webhook_url
 
 # A tag is a label for filtering, not prose: short, no spaces or quotes.
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
@@ -27,11 +28,25 @@ class JobSubmission(DistillSettings):
     tags: list[Tag] = Field(
         default_factory=list, max_length=20, description="Labels; the jobs list filters on one."
     )
+    webhook_url: str | None = Field(
+        None,
+        max_length=WEBHOOK_URL_MAX_LENGTH,
+        description=(
+            "An http(s) URL the job's end (succeeded, failed, cancelled) is POSTed to, signed "
+            "with the key's webhook secret; unset: the key's default, if any."
+        ),
+        examples=["https://example.com/hooks/amid"],
+    )
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_webhook_url(value)
 
     def run_settings(self) -> DistillSettings:
         """The run settings alone: what is stored, validated and run."""
         return DistillSettings.model_validate(
-            self.model_dump(by_alias=True, exclude={"name", "tags"})
+            self.model_dump(by_alias=True, exclude={"name", "tags", "webhook_url"})
         )
 
 
@@ -64,6 +79,9 @@ class JobOut(BaseModel):
     latest_metrics: dict[str, Any]
     student_uri: str | None = Field(description="Where the final student is, once succeeded.")
     cancel_requested: bool
+    webhook_url: str | None = Field(
+        description="Where this job's end is POSTed (null: the key's default, if any)."
+    )
 
 
 class JobPage(BaseModel):
@@ -112,6 +130,17 @@ class CheckpointList(BaseModel):
     items: list[CheckpointOut]
 
 
+class WebhookSecretOut(BaseModel):
+    secret: str = Field(description="Signs this key's webhook deliveries (HMAC-SHA256).")
+    signature_header: str = Field(
+        description="The header holding `t=<unix time>,v1=<hex HMAC of '<t>.<body>'>`.",
+        examples=["amid-signature"],
+    )
+    default_webhook_url: str | None = Field(
+        description="Where this key's jobs report their end unless a job names its own URL."
+    )
+
+
 class ErrorOut(BaseModel):
     error: str = Field(description="The error's class name.", examples=["SettingRefused"])
     detail: str = Field(examples=["path is outside the directories this server allows"])
@@ -147,6 +176,7 @@ def job_out(job: Job) -> JobOut:
         latest_metrics=job.latest_metrics,
         student_uri=job.final_uri,
         cancel_requested=job.cancel_requested,
+        webhook_url=job.webhook_url,
     )
 
 

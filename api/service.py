@@ -84,6 +84,7 @@ def submit_job(
             config.max_attempts,
             name=submission.name,
             tags=submission.tags,
+            webhook_url=submission.webhook_url,
         )
 
     if idempotency_key is not None:

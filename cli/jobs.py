@@ -101,6 +101,8 @@ def _submit(api: Api, args: argparse.Namespace) -> int:
         settings["name"] = args.name
     if args.tag:
         settings["tags"] = [*settings.get("tags", []), *args.tag]
+    if args.webhook_url is not None:
+        settings["webhook_url"] = args.webhook_url
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     job = api.request("POST", "/v1/jobs", json=settings, headers=headers)
     print(job["id"])
@@ -320,6 +322,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     submit.add_argument("--name", help="A name for the job (overrides the file's `name`).")
     submit.add_argument(
         "--tag", action="append", default=[], help="A tag (repeat for more); adds to `tags`."
+    )
+    submit.add_argument(
+        "--webhook-url", help="POST the job's end here (overrides the file's `webhook_url`)."
     )
     listing = add("list", _list, "List your jobs, newest first.")
     listing.add_argument("--status", choices=["queued", "running", *sorted(FINISHED)])

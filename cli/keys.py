@@ -1,4 +1,4 @@
-"""`amid keys create NAME [--admin]`, `amid keys list`, `amid keys revoke ID`.
+"""`amid keys create NAME [--admin] [--webhook-url URL]`, `amid keys list`, `amid keys revoke ID`.
 
 These talk to the database directly (they run where the service runs): a key is how a person
 reaches the API, so it cannot be made through the API without one already.
@@ -18,6 +18,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     create.add_argument("name", help="Who or what the key is for.")
     create.add_argument("--admin", action="store_true", help="May see and cancel every job.")
+    create.add_argument(
+        "--webhook-url",
+        help="Where this key's jobs POST their end unless a job names its own (http or https).",
+    )
     create.set_defaults(handler=_create)
     listing = commands.add_parser("list", help="List keys (never their secrets).")
     listing.set_defaults(handler=_list)
@@ -29,14 +33,25 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 def _create(args: argparse.Namespace) -> int:
     from store.db import session_scope
     from store.keys import create_api_key
+    from store.webhooks import check_webhook_url
 
+    if args.webhook_url is not None:
+        try:
+            check_webhook_url(args.webhook_url)
+        except ValueError as exc:
+            print(f"error: --webhook-url: {exc}", file=sys.stderr)
+            return 2
     with session_scope() as session:
-        key, secret = create_api_key(session, args.name, is_admin=args.admin)
-        key_id = key.id
+        key, secret = create_api_key(
+            session, args.name, is_admin=args.admin, webhook_url=args.webhook_url
+        )
+        key_id, webhook_secret = key.id, key.webhook_secret
     role = "admin key" if args.admin else "key"
     # The secret alone on stdout, so `export AMID_API_KEY=$(amid keys create me)` works.
     print(
-        f"created {role} {key_id} for {args.name!r}; the secret is not shown again", file=sys.stderr
+        f"created {role} {key_id} for {args.name!r}; the secret is not shown again\n"
+        f"webhook signing secret: {webhook_secret} (GET /v1/webhook-secret shows it again)",
+        file=sys.stderr,
     )
     print(secret)
     return 0
@@ -50,7 +65,8 @@ def _list(args: argparse.Namespace) -> int:
         for key in list_api_keys(session):
             state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
             role = "admin" if key.is_admin else "user"
-            print(f"{key.id}  {role:5}  {state:18}  {key.name}")
+            webhook = f"  webhook {key.webhook_url}" if key.webhook_url else ""
+            print(f"{key.id}  {role:5}  {state:18}  {key.name}{webhook}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""`amid reaper [--once]`: re-queue jobs of lost workers and re-send queued jobs, every interval."""
+"""`amid reaper [--once]`: re-queue jobs of lost workers, re-send queued jobs and send due
+webhooks, every interval."""
 
 from __future__ import annotations
 
@@ -12,7 +13,11 @@ from types import FrameType
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser = subparsers.add_parser(
-        "reaper", help="Re-queue stale jobs and re-send lost messages (loops; --once for one pass)."
+        "reaper",
+        help=(
+            "Re-queue stale jobs, re-send lost messages and send due webhooks "
+            "(loops; --once for one pass)."
+        ),
     )
     parser.add_argument("--once", action="store_true", help="Run one pass and print what it did.")
     parser.add_argument(

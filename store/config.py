@@ -100,6 +100,25 @@ class ServiceConfig(BaseSettings):
         ),
     )
 
+    # -- webhooks ----------------------------------------------------------------------------
+    webhook_max_attempts: int = Field(
+        8, ge=1, le=50, description="Attempts at a webhook delivery before it is given up."
+    )
+    webhook_backoff_seconds: float = Field(
+        30.0,
+        gt=0,
+        description=(
+            "Wait before a failed webhook delivery's first retry; each later retry waits twice as "
+            "long as the one before (at most 6 hours)."
+        ),
+    )
+    webhook_timeout_seconds: float = Field(
+        5.0,
+        gt=0,
+        le=60,
+        description="Timeout of each network step of a webhook attempt (connect, send, answer).",
+    )
+
     wandb_project: str | None = Field(
         None,
         description=(

@@ -21,6 +21,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.errors import AmidError
+from store import webhooks
 from store.models import Checkpoint, Job, JobEvent, JobMetric, new_id, utcnow
 from store.states import FINISHED, IllegalTransition, JobStatus, check_transition
 
@@ -130,6 +131,7 @@ def create_job(
     *,
     name: str | None = None,
     tags: Sequence[str] = (),
+    webhook_url: str | None = None,
 ) -> tuple[Job, bool]:
     """A new queued job, or the existing one for the same owner and idempotency key.
 
@@ -155,6 +157,7 @@ def create_job(
         idempotency_key=idempotency_key,
         name=name,
         tags=list(tags),
+        webhook_url=webhook_url,
         created_at=now,
         updated_at=now,
     )
@@ -301,7 +304,9 @@ def request_cancel(session: Session, job_id: str, owner: str | None) -> Job:
         check_transition(job.status, JobStatus.CANCELLED)
         job.status = JobStatus.CANCELLED.value
         job.finished_at = now
-        session.add(_event(job.id, "warning", "cancelled", "job cancelled before it started"))
+        _ended(
+            session, job, _event(job.id, "warning", "cancelled", "job cancelled before it started")
+        )
     else:
         session.add(
             _event(
@@ -526,8 +531,15 @@ def finish_job(
     ).scalar_one_or_none()
     if job is None:
         return None
-    session.add(_finish_event(job))
+    _ended(session, job, _finish_event(job))
     return job
+
+
+def _ended(session: Session, job: Job, event: JobEvent) -> None:
+    """Record that `job` has just finished: its event, and the webhook delivery it owes (in the
+    same transaction, so a process that dies after the commit cannot lose the delivery)."""
+    session.add(event)
+    webhooks.schedule_delivery(session, job)
 
 
 def _finish_event(job: Job) -> JobEvent:
@@ -559,7 +571,7 @@ def fail_job(session: Session, job_id: str, error_code: str, error_message: str)
     job.error_message = error_message
     job.finished_at = now
     session.flush()
-    session.add(_finish_event(job))
+    _ended(session, job, _finish_event(job))
     return job
 
 
@@ -598,7 +610,9 @@ def requeue_stale(
         if job.cancel_requested:
             job.status = JobStatus.CANCELLED.value
             job.finished_at = now
-            session.add(_event(job.id, "warning", "cancelled", "worker lost while cancelling"))
+            _ended(
+                session, job, _event(job.id, "warning", "cancelled", "worker lost while cancelling")
+            )
         elif job.attempt < limit:
             job.status = JobStatus.QUEUED.value
             job.lease_owner = None
@@ -624,7 +638,7 @@ def requeue_stale(
                 f"the worker running this job was lost on each of its {job.attempt} attempts "
                 f"(max_attempts={limit})"
             )
-            session.add(_finish_event(job))
+            _ended(session, job, _finish_event(job))
         changed.append((job.id, job.status))
     session.flush()
     return changed

@@ -1,4 +1,8 @@
-"""API keys: the secret is shown once at creation; only its sha256 is stored."""
+"""API keys: the secret is shown once at creation; only its sha256 is stored.
+
+Each key also has a webhook signing secret (its jobs' deliveries are signed with it) and may
+have a default webhook URL for its jobs.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from sqlalchemy.orm import Session
 from store.models import ApiKey, new_id, utcnow
 
 KEY_PREFIX = "amid_"
+WEBHOOK_SECRET_PREFIX = "whsec_"
 
 
 def hash_secret(secret: str) -> str:
@@ -18,8 +23,17 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_api_key(session: Session, name: str, is_admin: bool = False) -> tuple[ApiKey, str]:
-    """A new key and its secret (returned here only; it cannot be recovered later)."""
+def new_webhook_secret() -> str:
+    return WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
+
+
+def create_api_key(
+    session: Session, name: str, is_admin: bool = False, *, webhook_url: str | None = None
+) -> tuple[ApiKey, str]:
+    """A new key and its secret (returned here only; it cannot be recovered later).
+
+    `webhook_url` must have passed `store.webhooks.check_webhook_url`.
+    """
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
         id=new_id(),
@@ -27,6 +41,8 @@ def create_api_key(session: Session, name: str, is_admin: bool = False) -> tuple
         key_hash=hash_secret(secret),
         is_admin=is_admin,
         created_at=utcnow(),
+        webhook_url=webhook_url,
+        webhook_secret=new_webhook_secret(),
     )
     session.add(key)
     session.flush()

@@ -26,6 +26,10 @@ NAMING_CONVENTION = {
 }
 
 
+# Longest webhook URL a job or a key may name (browsers and proxies agree on about this much).
+WEBHOOK_URL_MAX_LENGTH = 2048
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -93,6 +97,8 @@ class Job(Base):
     error_message: Mapped[str | None] = mapped_column(sa.Text)
     final_uri: Mapped[str | None] = mapped_column(sa.Text)
     idempotency_key: Mapped[str | None] = mapped_column(sa.String(255))
+    # Where the job's end is POSTed (unset: the submitting key's default, if it has one).
+    webhook_url: Mapped[str | None] = mapped_column(sa.String(WEBHOOK_URL_MAX_LENGTH))
     # What people call the job: a free name and labels, both filters of the listing.
     name: Mapped[str | None] = mapped_column(sa.String(255))
     tags: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default=sa.text("'[]'"))
@@ -189,3 +195,35 @@ class ApiKey(Base):
     is_admin: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
+    # Where this key's jobs report their end unless a job names its own URL.
+    webhook_url: Mapped[str | None] = mapped_column(sa.String(WEBHOOK_URL_MAX_LENGTH))
+    # Signs this key's webhook deliveries (HMAC-SHA256). Stored as is, unlike the key's own
+    # secret: the service must compute with it, and it grants no access to the API.
+    webhook_secret: Mapped[str] = mapped_column(sa.String(64))
+
+
+class WebhookDelivery(Base):
+    """One webhook POST owed for a job's end, written in the transaction that ends the job and
+    worked off by the reaper's sender until delivered or given up."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        sa.Index("ix_webhook_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+        sa.Index("ix_webhook_deliveries_job_id", "job_id"),
+    )
+
+    # Also the delivery id the receiver sees (body `id`, header amid-delivery): its dedupe key.
+    id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(sa.ForeignKey("jobs.id", ondelete="CASCADE"))
+    url: Mapped[str] = mapped_column(sa.String(WEBHOOK_URL_MAX_LENGTH))
+    event: Mapped[str] = mapped_column(sa.String(32))
+    # The body, fixed when the job ended: every attempt sends the same content.
+    payload: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    status: Mapped[str] = mapped_column(sa.String(16))  # pending | delivered | failed
+    attempts: Mapped[int] = mapped_column(default=0)
+    # When the sender next tries (null once delivered or given up).
+    next_attempt_at: Mapped[datetime | None]
+    last_status_code: Mapped[int | None]
+    last_error: Mapped[str | None] = mapped_column(sa.Text)
+    delivered_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,5 +1,6 @@
-"""The sweeper: re-queue jobs of lost workers and re-send queued jobs whose message is gone
-(one message per job at a time: see `store.jobs.jobs_to_redispatch`).
+"""The sweeper: re-queue jobs of lost workers, re-send queued jobs whose message is gone
+(one message per job at a time: see `store.jobs.jobs_to_redispatch`), and send the webhook
+deliveries that are due (`worker.webhooks`).
 
 One pass is `sweep()`. Compose runs `amid reaper` (a loop of passes) as its own service; the
 embedded `amid serve` runs the same loop in a thread.
@@ -14,12 +15,14 @@ from store import jobs
 from store.config import get_config
 from store.queue import enqueue, queue_is_empty
 from worker.db_retry import with_session
+from worker.webhooks import deliver_due
 
 logger = logging.getLogger(__name__)
 
 
 def sweep() -> dict[str, list[str]]:
-    """One pass; returns what it did: {"requeued": [...], "finished": [...], "redispatched": [...]}."""
+    """One pass; returns what it did: {"requeued": [...], "finished": [...], "redispatched": [...],
+    "webhooks": [delivery ids attempted]}."""
     config = get_config()
     changed = with_session(
         lambda s: jobs.requeue_stale(
@@ -29,7 +32,12 @@ def sweep() -> dict[str, list[str]]:
         ),
         what="requeue stale jobs",
     )
-    done: dict[str, list[str]] = {"requeued": [], "finished": [], "redispatched": []}
+    done: dict[str, list[str]] = {
+        "requeued": [],
+        "finished": [],
+        "redispatched": [],
+        "webhooks": [],
+    }
     for job_id, status in changed:
         (done["requeued"] if status == "queued" else done["finished"]).append(job_id)
     broker_empty = queue_is_empty()
@@ -48,6 +56,8 @@ def sweep() -> dict[str, list[str]]:
             continue
         _mark_enqueued(job_id)
         done["redispatched"].append(job_id)
+    # Last: the jobs this pass failed or cancelled owe their deliveries already.
+    done["webhooks"] = deliver_due()
     if any(done.values()):
         logger.info("reaper pass: %s", done)
     return done
