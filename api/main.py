@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
 from api.overload import ConcurrencyLimit, sized_thread_pool
-from api.routes import artifacts, files, health, jobs, prometheus, ui
+from api.routes import artifacts, files, health, jobs, prometheus, ui, workers
 from api.routes.docs import install_docs
 
 DESCRIPTION = """
@@ -20,7 +20,7 @@ checkpoints, and the final student as a download.
 
 Every `/v1` route needs an API key, sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`
 (create one with `amid keys create NAME`). A key sees and cancels its own jobs; an admin key
-sees all. Errors have one shape: `{"error": ClassName, "detail": message, "field": field}`.
+sees all. Any key sees the pool of workers (`/v1/workers`); an admin key drains one. Errors have one shape: `{"error": ClassName, "detail": message, "field": field}`.
 """
 
 
@@ -44,6 +44,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
     app.include_router(files.router)
+    app.include_router(workers.router)
     app.include_router(prometheus.router)
     app.include_router(ui.router)
     install_docs(app)
