@@ -45,7 +45,7 @@ async function json(path, options) {
 }
 
 function show(view) {
-  for (const id of ["key-view", "list-view", "job-view"]) {
+  for (const id of ["key-view", "list-view", "pool-view", "job-view"]) {
     $(`#${id}`).hidden = id !== view;
   }
   $("#forget-key").hidden = view === "key-view";
@@ -134,6 +134,45 @@ $("#filters").addEventListener("submit", (event) => {
   stopPolling();
   showList();
 });
+
+// -- the pool --------------------------------------------------------------------------------
+
+function gpu(worker) {
+  if (worker.gpu_memory_bytes === null) return worker.gpu;
+  return `${worker.gpu} (${Math.round(worker.gpu_memory_bytes / 2 ** 30)} GiB)`;
+}
+
+function ago(seconds) {
+  if (seconds < 60) return `${Math.round(seconds)}s ago`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)}m ago`;
+  return `${(seconds / 3600).toFixed(1)}h ago`;
+}
+
+async function showPool() {
+  show("pool-view");
+  try {
+    const pool = await json("/v1/workers");
+    const body = $("#workers tbody");
+    body.replaceChildren();
+    for (const worker of pool.items) {
+      const row = element("tr", null, { "data-worker": worker.id });
+      row.append(element("td", worker.id), element("td", worker.host), element("td", gpu(worker)));
+      row.append(element("td", worker.state, { class: `status ${worker.state}` }));
+      const job = element("td");
+      // Every key sees which job runs; its page opens for the keys that may read it.
+      if (worker.job) job.append(element("a", worker.job.slice(0, 8), { href: `#/jobs/${worker.job}` }));
+      row.append(job, element("td", ago(worker.last_seen_seconds)), element("td", worker.version));
+      body.append(row);
+    }
+    $("#pool-error").textContent = pool.items.length ? "" : "no workers have reported";
+  } catch (error) {
+    failed(error, "#pool-error");
+    if (error instanceof KeyRefused) return;
+  }
+  // Refreshed like the jobs list: states and last reports move on their own.
+  stopPolling();
+  timer = setTimeout(showPool, POLL_MS);
+}
 
 // -- one job ---------------------------------------------------------------------------------
 
@@ -306,6 +345,7 @@ function route() {
   }
   const match = location.hash.match(/^#\/jobs\/([0-9a-f]{32})$/);
   if (match) showJob(match[1]);
+  else if (location.hash === "#/pool") showPool();
   else showList();
 }
 
