@@ -94,6 +94,18 @@ $("#forget-key").addEventListener("click", () => {
   askForKey("");
 });
 
+// A list view stays current: drawn now, then again every POLL_MS until another view is shown.
+async function keepShowing(draw, errorAt, again) {
+  try {
+    await draw();
+  } catch (error) {
+    failed(error, errorAt);
+    if (error instanceof KeyRefused) return;
+  }
+  stopPolling();
+  timer = setTimeout(again, POLL_MS);
+}
+
 // -- the jobs list ---------------------------------------------------------------------------
 
 async function showList() {
@@ -101,7 +113,7 @@ async function showList() {
   const filters = new FormData($("#filters"));
   const query = new URLSearchParams({ limit: "100" });
   for (const [name, value] of filters) if (value) query.set(name, value);
-  try {
+  await keepShowing(async () => {
     const page = await json(`/v1/jobs?${query}`);
     const body = $("#jobs tbody");
     body.replaceChildren();
@@ -120,13 +132,7 @@ async function showList() {
       body.append(row);
     }
     $("#list-error").textContent = page.items.length ? "" : "no jobs match";
-  } catch (error) {
-    failed(error, "#list-error");
-    if (error instanceof KeyRefused) return;
-  }
-  // The list stays current: new jobs appear, running ones move on.
-  stopPolling();
-  timer = setTimeout(showList, POLL_MS);
+  }, "#list-error", showList);
 }
 
 $("#filters").addEventListener("submit", (event) => {
@@ -150,7 +156,7 @@ function ago(seconds) {
 
 async function showPool() {
   show("pool-view");
-  try {
+  await keepShowing(async () => {
     const pool = await json("/v1/workers");
     const body = $("#workers tbody");
     body.replaceChildren();
@@ -165,13 +171,7 @@ async function showPool() {
       body.append(row);
     }
     $("#pool-error").textContent = pool.items.length ? "" : "no workers have reported";
-  } catch (error) {
-    failed(error, "#pool-error");
-    if (error instanceof KeyRefused) return;
-  }
-  // Refreshed like the jobs list: states and last reports move on their own.
-  stopPolling();
-  timer = setTimeout(showPool, POLL_MS);
+  }, "#pool-error", showPool);
 }
 
 // -- one job ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ across the test's own writes, and per-owner series through keys made here.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -31,7 +32,19 @@ def _scrape(client: TestClient, headers: dict[str, str]) -> dict[tuple[str, tupl
     }
 
 
-def test_metrics_carry_states_queues_waits_speeds_and_busy_workers(
+def _change(
+    before: dict[tuple[str, tuple], float], after: dict[tuple[str, tuple], float]
+) -> Callable[..., float]:
+    """How much a series moved between two scrapes (the database is shared with other tests)."""
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    return delta
+
+
+def test_metrics_carry_states_queues_waits_and_speeds(
     client: TestClient, make_key, db: Session
 ) -> None:
     admin = make_key(admin=True)
@@ -49,10 +62,7 @@ def test_metrics_carry_states_queues_waits_speeds_and_busy_workers(
     row.progress_step = 30
     db.commit()
     after = _scrape(client, admin)
-
-    def delta(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+    delta = _change(before, after)
 
     assert delta("amid_jobs", state="queued") == 2
     assert delta("amid_jobs", state="running") == 1
@@ -90,10 +100,7 @@ def test_metrics_count_workers_up_and_busy_from_the_registry(
     row.last_seen_at -= timedelta(minutes=5)
     db.commit()
     after = _scrape(client, admin)
-
-    def delta(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+    delta = _change(before, after)
 
     assert delta("amid_workers_up") == 2
     assert delta("amid_workers_busy") == 1
