@@ -20,8 +20,14 @@ from store.config import get_config
 
 router = APIRouter(prefix="/v1/workers", tags=["pool"])
 
+# No control characters: an id never has one, and Postgres refuses NUL outright.
 WorkerId = Annotated[
-    str, Path(max_length=255, description="A worker id, as GET /v1/workers lists it.")
+    str,
+    Path(
+        max_length=255,
+        pattern=r"^[^\x00-\x1f\x7f]*$",
+        description="A worker id, as GET /v1/workers lists it.",
+    ),
 ]
 
 

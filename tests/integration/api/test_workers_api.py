@@ -132,9 +132,10 @@ def test_drain_of_an_unknown_worker_is_a_404_naming_the_id(client: TestClient, m
         "detail": "id: worker nowhere:1:gpu0 not found",
         "field": "id",
     }
-    response = client.post(f"/v1/workers/{'x' * 256}/drain", headers=admin)
-    assert response.status_code == 422
-    assert response.json()["field"] == "worker_id"
+    for malformed in ("x" * 256, "gpu-box%00:7:gpu0"):
+        response = client.post(f"/v1/workers/{malformed}/drain", headers=admin)
+        assert response.status_code == 422, response.text
+        assert response.json()["field"] == "worker_id"
 
 
 def test_a_worker_whose_row_is_gone_is_told_to_register_again(db: Session) -> None:

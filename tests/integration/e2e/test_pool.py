@@ -1,6 +1,6 @@
 """The pool in view, with real processes: the API and Celery workers on the local Postgres and
-Redis. A worker lists itself with the job it runs (`amid pool`), and a drained worker finishes
-its job, then leaves every other job to the rest of the pool."""
+Redis. A worker lists itself with the job it runs (`amid pool`) and shows offline once stopped;
+a drained worker finishes its job, then leaves every other job to the rest of the pool."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from store.db import make_engine, upgrade
 from store.keys import create_api_key
 from tests.integration.api._client import run_amid
-from tests.integration.e2e._service import job_body, wait_for
+from tests.integration.e2e._service import job_body, stop, wait_for
 from tests.integration.faults._stack import Service, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -100,6 +100,11 @@ def test_amid_pool_lists_a_live_worker_with_the_job_it_runs(
     stack.client.http.post(f"/v1/jobs/{job_id}/cancel")
     assert stack.wait_finished(job_id, JOB_TIMEOUT)["status"] == "cancelled"
     wait_entry(stack, worker, "the worker to be idle again", state="idle", job=None)
+
+    # Stopped as an orchestrator stops it (SIGTERM), it says so rather than fading out.
+    stop(worker.process)
+    entry = pool_entry(stack, worker)
+    assert entry is not None and entry["state"] == "offline"
 
 
 def test_a_drained_worker_finishes_its_job_and_leaves_the_next_to_another(
