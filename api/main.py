@@ -12,7 +12,7 @@ from api.deps import single_valued_query
 from api.errors import install_error_handlers
 from api.middleware import BodySizeLimit
 from api.overload import ConcurrencyLimit, sized_thread_pool
-from api.routes import artifacts, files, health, jobs, prometheus, ui, webhooks
+from api.routes import artifacts, files, health, jobs, prometheus, ui, webhooks, workers
 from api.routes.docs import install_docs
 
 DESCRIPTION = """
@@ -21,7 +21,7 @@ checkpoints, and the final student as a download.
 
 Every `/v1` route needs an API key, sent as `Authorization: Bearer <key>` or `X-API-Key: <key>`
 (create one with `amid keys create NAME`). A key sees and cancels its own jobs; an admin key
-sees all. Errors have one shape: `{"error": ClassName, "detail": message, "field": field}`.
+sees all. Any key sees the pool of workers (`/v1/workers`); an admin key drains one. Errors have one shape: `{"error": ClassName, "detail": message, "field": field}`.
 """
 
 
@@ -46,6 +46,7 @@ def create_app() -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(artifacts.router)
     app.include_router(files.router)
+    app.include_router(workers.router)
     app.include_router(prometheus.router)
     app.include_router(webhooks.router)
     app.include_router(ui.router)

@@ -8,8 +8,9 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, StringConstraints, field_validator
 
 from core.settings import DistillSettings
-from store.models import WEBHOOK_URL_MAX_LENGTH, Checkpoint, Job, JobEvent, JobMetric
+from store.models import WEBHOOK_URL_MAX_LENGTH, Checkpoint, Job, JobEvent, JobMetric, utcnow
 from store.webhooks import check_webhook_url
+from store.workers import PoolMember
 
 # A tag is a label for filtering, not prose: short, no spaces or quotes.
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
@@ -197,4 +198,46 @@ def checkpoint_out(checkpoint: Checkpoint) -> CheckpointOut:
         metrics=checkpoint.metrics,
         best=checkpoint.is_best,
         created_at=checkpoint.created_at,
+    )
+
+
+class WorkerOut(BaseModel):
+    id: str = Field(
+        description="`host:pid:gpuN` of the worker's main process.",
+        examples=["gpu-box-1:7:gpu0"],
+    )
+    host: str
+    gpu: str = Field(description="The GPU's name as torch reports it, or `cpu`.")
+    gpu_memory_bytes: int | None = Field(description="The GPU's memory; null for `cpu`.")
+    state: str = Field(description="idle, busy, draining, drained or offline.")
+    job: str | None = Field(description="The id of the job it runs (every key sees it).")
+    job_owner: str | None = Field(
+        description="The API key id that submitted that job: admin keys only, null for others."
+    )
+    job_owner_name: str | None = Field(description="That key's name: admin keys only.")
+    version: str = Field(description="The amid version the worker runs.")
+    started_at: datetime
+    last_seen_at: datetime
+    last_seen_seconds: float = Field(description="Seconds since it last reported (server clock).")
+
+
+class WorkerList(BaseModel):
+    items: list[WorkerOut]
+
+
+def worker_out(member: PoolMember, *, show_owner: bool) -> WorkerOut:
+    worker = member.worker
+    return WorkerOut(
+        id=worker.id,
+        host=worker.host,
+        gpu=worker.gpu_name,
+        gpu_memory_bytes=worker.gpu_memory_bytes,
+        state=member.state.value,
+        job=worker.current_job_id,
+        job_owner=member.job_owner if show_owner else None,
+        job_owner_name=member.job_owner_name if show_owner else None,
+        version=worker.version,
+        started_at=worker.started_at,
+        last_seen_at=worker.last_seen_at,
+        last_seen_seconds=max(0.0, (utcnow() - worker.last_seen_at).total_seconds()),
     )

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, str] = {
     "jobs": "cli.jobs",
     "keys": "cli.keys",
     "files": "cli.files",
+    "pool": "cli.pool",
 }
 
 

@@ -32,7 +32,8 @@ def worker_argv(gpu: str | None, queue: str, loglevel: str) -> list[str]:
         "--pool=prefork",
         f"--hostname=amid-{name}@{socket.gethostname()}",
         f"--loglevel={loglevel}",
-        # No gossip/mingle/heartbeat chatter: liveness is the DB heartbeat of each job.
+        # No gossip/mingle/heartbeat chatter: liveness is the DB heartbeat of each job and of each
+        # worker (the pool registry, worker.registry).
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",

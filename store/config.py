@@ -69,10 +69,20 @@ class ServiceConfig(BaseSettings):
     )
     max_attempts: int = Field(3, ge=1, description="Runs of a job before a lost worker fails it.")
     heartbeat_seconds: float = Field(
-        1.0, gt=0, description="How often a running worker heartbeats and reads the cancel flag."
+        1.0,
+        gt=0,
+        description=(
+            "How often a running worker heartbeats and reads the cancel flag, and every worker "
+            "reports to the pool."
+        ),
     )
     stale_after_seconds: float = Field(
-        30.0, gt=0, description="A running job whose heartbeat is older than this is re-queued."
+        30.0,
+        gt=0,
+        description=(
+            "A running job whose heartbeat is older than this is re-queued; a worker silent this "
+            "long shows as offline."
+        ),
     )
     redispatch_after_seconds: float = Field(
         60.0,

@@ -227,3 +227,26 @@ class WebhookDelivery(Base):
     last_error: Mapped[str | None] = mapped_column(sa.Text)
     delivered_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Worker(Base):
+    """A worker in the pool, as it last reported itself (its main process heartbeats this row)."""
+
+    __tablename__ = "workers"
+
+    # `host:pid:gpuN` of the worker's main process (its job processes lease jobs under their own
+    # pids); a restarted container whose process gets the same pid takes its row back.
+    id: Mapped[str] = mapped_column(sa.String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(sa.String(255))
+    gpu_name: Mapped[str] = mapped_column(sa.String(255))  # "cpu" when no GPU is visible
+    gpu_memory_bytes: Mapped[int | None] = mapped_column(sa.BigInteger)
+    # What the worker last wrote: idle, busy, draining, drained or offline (stopped). A worker
+    # whose last_seen_at is older than the stale threshold is shown offline whatever this says.
+    state: Mapped[str] = mapped_column(sa.String(16))
+    drain_requested: Mapped[bool] = mapped_column(default=False)
+    current_job_id: Mapped[str | None] = mapped_column(
+        sa.ForeignKey("jobs.id", ondelete="SET NULL")
+    )
+    version: Mapped[str] = mapped_column(sa.String(64))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -8,13 +8,13 @@ the same, and nothing is lost when one restarts.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from store.models import ApiKey, Job, utcnow
+from store.models import ApiKey, Job
 from store.states import JobStatus
+from store.workers import WorkerState, list_workers
 
 
 @dataclass(frozen=True)
@@ -32,11 +32,13 @@ class PoolStats:
     # Submission to first start (a retried attempt keeps its first start), every job that started.
     queue_waits_seconds: list[float]
     running: list[RunningJob]
-    busy_workers: int  # workers holding a running job whose heartbeat is fresh
+    # From the pool registry: every state, 0 where none (offline: stopped or silent too long).
+    workers_by_state: dict[str, int]
+    workers_up: int  # reporting within the stale threshold
+    workers_busy: int  # up and running a job
 
 
 def pool_stats(session: Session, *, stale_after_seconds: float) -> PoolStats:
-    now = utcnow()
     counts = dict(
         session.execute(sa.select(Job.status, sa.func.count()).group_by(Job.status)).all()
     )
@@ -59,9 +61,7 @@ def pool_stats(session: Session, *, stale_after_seconds: float) -> PoolStats:
         if start is not None
     ]
 
-    fresh_since = now - timedelta(seconds=stale_after_seconds)
     running = []
-    busy = set()
     rows = session.execute(
         sa.select(
             Job.id, Job.owner, Job.lease_owner, Job.progress_step, Job.started_at, Job.heartbeat_at
@@ -70,9 +70,16 @@ def pool_stats(session: Session, *, stale_after_seconds: float) -> PoolStats:
     for job_id, owner, worker, step, start, heartbeat in rows:
         if heartbeat is None or start is None or worker is None:
             continue
-        if heartbeat >= fresh_since:
-            busy.add(worker)
         # Over the job's whole run so far (a resumed attempt's steps count from its first start).
         seconds = (heartbeat - start).total_seconds()
         running.append(RunningJob(job_id, owner, worker, step / seconds if seconds > 0 else 0.0))
-    return PoolStats(jobs_by_state, queued_by_owner, waits, running, len(busy))
+
+    members = list_workers(session, stale_after_seconds=stale_after_seconds)
+    workers_by_state = {state.value: 0 for state in WorkerState}
+    for member in members:
+        workers_by_state[member.state.value] += 1
+    up = [member for member in members if member.state != WorkerState.OFFLINE]
+    busy = sum(member.worker.current_job_id is not None for member in up)
+    return PoolStats(
+        jobs_by_state, queued_by_owner, waits, running, workers_by_state, len(up), busy
+    )

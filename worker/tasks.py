@@ -13,8 +13,7 @@ the reaper that no message for the job is outstanding.
 
 from __future__ import annotations
 
-import os
-import socket
+from collections.abc import Callable
 
 from celery import Celery
 from celery.utils.log import get_logger
@@ -23,8 +22,9 @@ from celery.worker.state import task_ready
 
 from store import jobs
 from store.queue import RUN_JOB_TASK, get_celery_app
-from worker import broker
+from worker import broker, registry
 from worker.db_retry import with_session
+from worker.registry import worker_id
 
 # Celery's logger family: the worker's main process configures it (and only it) for output.
 logger = get_logger(__name__)
@@ -34,11 +34,8 @@ app: Celery = get_celery_app()
 broker.use_in(app)
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}:gpu{os.environ.get('CUDA_VISIBLE_DEVICES', '-')}"
-
-
 STALE_MESSAGE_LOG = "job %s: stale message dropped (the job is not waiting to be claimed)"
+HANDED_BACK_LOG = "job %s: message handed back to the queue (this worker is draining)"
 
 
 class DropStaleMessages(Request):
@@ -46,22 +43,32 @@ class DropStaleMessages(Request):
 
     Celery asks `revoked()` right before it hands a message to the pool (its request class
     wraps the hand-over itself), so a stale message is treated the way Celery treats a revoked
-    one: taken off the worker's books, acknowledged, and never run.
+    one: taken off the worker's books, acknowledged, and never run. A draining worker treats
+    every message so, except that it hands the message back to the queue, unacknowledged, for
+    another worker (before the job's row is touched: the message is still outstanding).
     """
 
     def revoked(self) -> bool:
         if super().revoked():
             return True
         job_id = self.args[0] if self.args else None
+        if registry.draining.is_set():
+            logger.info(HANDED_BACK_LOG, job_id)
+            self._set_aside(lambda: self.reject(requeue=True))
+            registry.stop_consuming()
+            return True
         if not isinstance(job_id, str) or with_session(
             lambda s: jobs.take_message(s, job_id), what="take message"
         ):
             return False
         logger.info(STALE_MESSAGE_LOG, job_id)
-        task_ready(self)
-        self.acknowledge()
-        self._already_revoked = True
+        self._set_aside(self.acknowledge)
         return True
+
+    def _set_aside(self, settle: Callable[[], None]) -> None:
+        task_ready(self)
+        settle()
+        self._already_revoked = True
 
 
 @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True, Request=DropStaleMessages)

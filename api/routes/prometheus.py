@@ -65,10 +65,21 @@ class PoolCollector(Collector):
             speed.add_metric([job.job_id, job.owner, job.worker], job.steps_per_second)
         yield speed
 
+        workers = GaugeMetricFamily(
+            "amid_workers",
+            "Workers in the pool registry, by state (offline: stopped, or silent too long).",
+            labels=["state"],
+        )
+        for state, count in stats.workers_by_state.items():
+            workers.add_metric([state], count)
+        yield workers
         yield GaugeMetricFamily(
-            "amid_workers_busy",
-            "Workers running a job whose heartbeat is fresh.",
-            value=stats.busy_workers,
+            "amid_workers_up",
+            "Workers whose last report is within AMID_STALE_AFTER_SECONDS.",
+            value=stats.workers_up,
+        )
+        yield GaugeMetricFamily(
+            "amid_workers_busy", "Workers up and running a job.", value=stats.workers_busy
         )
 
 

@@ -45,7 +45,7 @@ async function json(path, options) {
 }
 
 function show(view) {
-  for (const id of ["key-view", "list-view", "job-view"]) {
+  for (const id of ["key-view", "list-view", "pool-view", "job-view"]) {
     $(`#${id}`).hidden = id !== view;
   }
   $("#forget-key").hidden = view === "key-view";
@@ -94,6 +94,18 @@ $("#forget-key").addEventListener("click", () => {
   askForKey("");
 });
 
+// A list view stays current: drawn now, then again every POLL_MS until another view is shown.
+async function keepShowing(draw, errorAt, again) {
+  try {
+    await draw();
+  } catch (error) {
+    failed(error, errorAt);
+    if (error instanceof KeyRefused) return;
+  }
+  stopPolling();
+  timer = setTimeout(again, POLL_MS);
+}
+
 // -- the jobs list ---------------------------------------------------------------------------
 
 async function showList() {
@@ -101,7 +113,7 @@ async function showList() {
   const filters = new FormData($("#filters"));
   const query = new URLSearchParams({ limit: "100" });
   for (const [name, value] of filters) if (value) query.set(name, value);
-  try {
+  await keepShowing(async () => {
     const page = await json(`/v1/jobs?${query}`);
     const body = $("#jobs tbody");
     body.replaceChildren();
@@ -120,13 +132,7 @@ async function showList() {
       body.append(row);
     }
     $("#list-error").textContent = page.items.length ? "" : "no jobs match";
-  } catch (error) {
-    failed(error, "#list-error");
-    if (error instanceof KeyRefused) return;
-  }
-  // The list stays current: new jobs appear, running ones move on.
-  stopPolling();
-  timer = setTimeout(showList, POLL_MS);
+  }, "#list-error", showList);
 }
 
 $("#filters").addEventListener("submit", (event) => {
@@ -134,6 +140,39 @@ $("#filters").addEventListener("submit", (event) => {
   stopPolling();
   showList();
 });
+
+// -- the pool --------------------------------------------------------------------------------
+
+function gpu(worker) {
+  if (worker.gpu_memory_bytes === null) return worker.gpu;
+  return `${worker.gpu} (${Math.round(worker.gpu_memory_bytes / 2 ** 30)} GiB)`;
+}
+
+function ago(seconds) {
+  if (seconds < 60) return `${Math.round(seconds)}s ago`;
+  if (seconds < 3600) return `${Math.round(seconds / 60)}m ago`;
+  return `${(seconds / 3600).toFixed(1)}h ago`;
+}
+
+async function showPool() {
+  show("pool-view");
+  await keepShowing(async () => {
+    const pool = await json("/v1/workers");
+    const body = $("#workers tbody");
+    body.replaceChildren();
+    for (const worker of pool.items) {
+      const row = element("tr", null, { "data-worker": worker.id });
+      row.append(element("td", worker.id), element("td", worker.host), element("td", gpu(worker)));
+      row.append(element("td", worker.state, { class: `status ${worker.state}` }));
+      const job = element("td");
+      // Every key sees which job runs; its page opens for the keys that may read it.
+      if (worker.job) job.append(element("a", worker.job.slice(0, 8), { href: `#/jobs/${worker.job}` }));
+      row.append(job, element("td", ago(worker.last_seen_seconds)), element("td", worker.version));
+      body.append(row);
+    }
+    $("#pool-error").textContent = pool.items.length ? "" : "no workers have reported";
+  }, "#pool-error", showPool);
+}
 
 // -- one job ---------------------------------------------------------------------------------
 
@@ -306,6 +345,7 @@ function route() {
   }
   const match = location.hash.match(/^#\/jobs\/([0-9a-f]{32})$/);
   if (match) showJob(match[1]);
+  else if (location.hash === "#/pool") showPool();
   else showList();
 }
 

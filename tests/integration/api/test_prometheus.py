@@ -6,6 +6,8 @@ across the test's own writes, and per-owner series through keys made here.
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -13,9 +15,9 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
-from store import jobs
+from store import jobs, workers
 from store.keys import create_api_key
-from store.models import Job
+from store.models import Job, Worker
 from tests.integration.e2e._service import job_body
 
 
@@ -30,7 +32,19 @@ def _scrape(client: TestClient, headers: dict[str, str]) -> dict[tuple[str, tupl
     }
 
 
-def test_metrics_carry_states_queues_waits_speeds_and_busy_workers(
+def _change(
+    before: dict[tuple[str, tuple], float], after: dict[tuple[str, tuple], float]
+) -> Callable[..., float]:
+    """How much a series moved between two scrapes (the database is shared with other tests)."""
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    return delta
+
+
+def test_metrics_carry_states_queues_waits_and_speeds(
     client: TestClient, make_key, db: Session
 ) -> None:
     admin = make_key(admin=True)
@@ -48,10 +62,7 @@ def test_metrics_carry_states_queues_waits_speeds_and_busy_workers(
     row.progress_step = 30
     db.commit()
     after = _scrape(client, admin)
-
-    def delta(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0.0) - before.get(key, 0.0)
+    delta = _change(before, after)
 
     assert delta("amid_jobs", state="queued") == 2
     assert delta("amid_jobs", state="running") == 1
@@ -67,7 +78,36 @@ def test_metrics_carry_states_queues_waits_speeds_and_busy_workers(
         )
     ]
     assert speed == 3.0
-    assert after[("amid_workers_busy", ())] >= 1
+
+
+def test_metrics_count_workers_up_and_busy_from_the_registry(
+    client: TestClient, make_key, db: Session
+) -> None:
+    admin = make_key(admin=True)
+    before = _scrape(client, admin)
+    owner, _ = create_api_key(db, "team-b")
+    job, _ = jobs.create_job(db, job_body(), owner.id, None, 3)
+    busy, idle, silent = (
+        workers.WorkerIdentity(f"box-{uuid.uuid4().hex[:8]}:7:gpu{n}", "box", "cpu", None, "0.1.0")
+        for n in range(3)
+    )
+    for me in (busy, idle, silent):
+        workers.register(db, me)
+    assert jobs.claim_job(db, job.id, "box:8:gpu0") is not None
+    workers.heartbeat(db, busy.id, job_leases=["box:8:gpu0"], settled=False)
+    row = db.get(Worker, silent.id)
+    assert row is not None
+    row.last_seen_at -= timedelta(minutes=5)
+    db.commit()
+    after = _scrape(client, admin)
+    delta = _change(before, after)
+
+    assert delta("amid_workers_up") == 2
+    assert delta("amid_workers_busy") == 1
+    assert delta("amid_workers", state="busy") == 1
+    assert delta("amid_workers", state="idle") == 1
+    assert delta("amid_workers", state="offline") == 1
+    assert delta("amid_workers", state="drained") == 0
 
 
 def test_metrics_are_for_admin_keys(client: TestClient, make_key) -> None:

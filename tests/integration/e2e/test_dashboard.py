@@ -4,8 +4,8 @@ SQLite, a filesystem queue, local artifacts), in a real headless browser.
 The headline case: upload a dataset with `amid files upload`, submit a job on `file:<id>`,
 follow it in the dashboard, download a mid-run checkpoint and the final student with the CLI,
 and load the student with transformers, prompting it with the template its card records.
-Then: a running job's curve gains points and the page's cancel button stops it; /docs renders
-with every request off this server refused.
+Then: a running job's curve gains points and the page's cancel button stops it; the pool view
+shows the local worker running a job; /docs renders with every request off this server refused.
 """
 
 from __future__ import annotations
@@ -228,6 +228,26 @@ def test_a_running_job_s_curve_grows_and_the_cancel_button_stops_it(
     expect(page.locator("#job-status")).to_have_text("cancelled", timeout=60_000)
     job = service.client.job(job_id)
     assert job["status"] == "cancelled" and job["progress"]["step"] < 5000
+
+
+def test_the_pool_view_shows_the_local_worker_and_the_job_it_runs(
+    service: Service, page: Page
+) -> None:
+    body = job_body(max_steps=5000, checkpoint_interval=0, eval_interval=0, name="pool-view")
+    job_id = service.client.submit(body).json()["id"]
+    page.click("#pool-link")
+    rows = page.locator("#workers tbody tr")
+    expect(rows).to_have_count(1)  # `amid serve`'s own worker
+    cells = rows.locator("td")
+    expect(cells.nth(3)).to_have_text("busy", timeout=120_000)
+    expect(cells.nth(2)).to_have_text("cpu")
+    expect(cells.nth(4).locator("a")).to_have_attribute("href", f"#/jobs/{job_id}")
+    expect(cells.nth(5)).to_contain_text("s ago")
+
+    service.client.http.post(f"/v1/jobs/{job_id}/cancel")
+    expect(cells.nth(3)).to_have_text("idle", timeout=60_000)
+    expect(cells.nth(4)).to_have_text("")
+    assert service.client.job(job_id)["status"] == "cancelled"
 
 
 def test_docs_render_with_no_network_beyond_the_service(service: Service, browser: Browser) -> None:
