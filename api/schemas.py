@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -9,6 +10,8 @@ from pydantic import BaseModel, Field, StringConstraints
 
 from core.settings import DistillSettings
 from store.models import Checkpoint, Job, JobEvent, JobMetric
+
+MIN_PRIORITY, MAX_PRIORITY = -10, 10
 
 # A tag is a label for filtering, not prose: short, no spaces or quotes.
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
@@ -27,11 +30,20 @@ class JobSubmission(DistillSettings):
     tags: list[Tag] = Field(
         default_factory=list, max_length=20, description="Labels; the jobs list filters on one."
     )
+    priority: int = Field(
+        0,
+        ge=MIN_PRIORITY,
+        le=MAX_PRIORITY,
+        description=(
+            "Orders this key's own queued jobs (higher first); it never moves a job ahead of "
+            "another key's turn."
+        ),
+    )
 
     def run_settings(self) -> DistillSettings:
         """The run settings alone: what is stored, validated and run."""
         return DistillSettings.model_validate(
-            self.model_dump(by_alias=True, exclude={"name", "tags"})
+            self.model_dump(by_alias=True, exclude={"name", "tags", "priority"})
         )
 
 
@@ -64,6 +76,24 @@ class JobOut(BaseModel):
     latest_metrics: dict[str, Any]
     student_uri: str | None = Field(description="Where the final student is, once succeeded.")
     cancel_requested: bool
+    priority: int = Field(description="Orders this key's own queued jobs, higher first.")
+    queue_position: int | None = Field(
+        description="While queued: the job's place in the pool's turn order (1: next to start)."
+    )
+    start_eta_seconds: float | None = Field(
+        description=(
+            "While queued: estimated seconds until it starts, from the pool's recent pace; "
+            "null when that cannot be estimated."
+        )
+    )
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """Where a queued job stands: its place in the turn order and when it may start."""
+
+    position: int
+    start_eta_seconds: float | None
 
 
 class JobPage(BaseModel):
@@ -118,7 +148,7 @@ class ErrorOut(BaseModel):
     field: str | None = Field(description="The request field at fault.", examples=["teacher"])
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(job: Job, queue: QueueView | None = None) -> JobOut:
     fraction = None
     if job.total_steps:
         fraction = min(1.0, job.progress_step / job.total_steps)
@@ -147,6 +177,9 @@ def job_out(job: Job) -> JobOut:
         latest_metrics=job.latest_metrics,
         student_uri=job.final_uri,
         cancel_requested=job.cancel_requested,
+        priority=job.priority,
+        queue_position=queue.position if queue else None,
+        start_eta_seconds=queue.start_eta_seconds if queue else None,
     )
 
 

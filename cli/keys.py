@@ -1,4 +1,5 @@
-"""`amid keys create NAME [--admin]`, `amid keys list`, `amid keys revoke ID`.
+"""`amid keys create NAME [--admin] [--share N] [--max-running N]`, `amid keys list`,
+`amid keys revoke ID`.
 
 These talk to the database directly (they run where the service runs): a key is how a person
 reaches the API, so it cannot be made through the API without one already.
@@ -18,6 +19,19 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     create.add_argument("name", help="Who or what the key is for.")
     create.add_argument("--admin", action="store_true", help="May see and cancel every job.")
+    create.add_argument(
+        "--share",
+        type=int,
+        default=1,
+        help="Weight in the pool's turns: N jobs started per turn where a share of 1 starts one.",
+    )
+    create.add_argument(
+        "--max-running",
+        type=int,
+        default=None,
+        metavar="N",
+        help="At most N jobs of this key run at once (default: no limit).",
+    )
     create.set_defaults(handler=_create)
     listing = commands.add_parser("list", help="List keys (never their secrets).")
     listing.set_defaults(handler=_list)
@@ -28,11 +42,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _create(args: argparse.Namespace) -> int:
     from store.db import session_scope
-    from store.keys import create_api_key
+    from store.keys import InvalidKeySetting, create_api_key
 
-    with session_scope() as session:
-        key, secret = create_api_key(session, args.name, is_admin=args.admin)
-        key_id = key.id
+    try:
+        with session_scope() as session:
+            key, secret = create_api_key(
+                session,
+                args.name,
+                is_admin=args.admin,
+                share=args.share,
+                max_running=args.max_running,
+            )
+            key_id = key.id
+    except InvalidKeySetting as exc:
+        print(f"error: --{str(exc.field).replace('_', '-')}: {exc.message}", file=sys.stderr)
+        return 2
     role = "admin key" if args.admin else "key"
     # The secret alone on stdout, so `export AMID_API_KEY=$(amid keys create me)` works.
     print(
@@ -50,7 +74,8 @@ def _list(args: argparse.Namespace) -> int:
         for key in list_api_keys(session):
             state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
             role = "admin" if key.is_admin else "user"
-            print(f"{key.id}  {role:5}  {state:18}  {key.name}")
+            limit = "no limit" if key.max_running is None else f"max {key.max_running} running"
+            print(f"{key.id}  {role:5}  {state:18}  share {key.share}  {limit:18}  {key.name}")
     return 0
 
 

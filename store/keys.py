@@ -8,9 +8,14 @@ import secrets
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from core.errors import AmidError
 from store.models import ApiKey, new_id, utcnow
 
 KEY_PREFIX = "amid_"
+
+
+class InvalidKeySetting(AmidError):
+    status_code = 422
 
 
 def hash_secret(secret: str) -> str:
@@ -18,14 +23,31 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_api_key(session: Session, name: str, is_admin: bool = False) -> tuple[ApiKey, str]:
-    """A new key and its secret (returned here only; it cannot be recovered later)."""
+def create_api_key(
+    session: Session,
+    name: str,
+    is_admin: bool = False,
+    *,
+    share: int = 1,
+    max_running: int | None = None,
+) -> tuple[ApiKey, str]:
+    """A new key and its secret (returned here only; it cannot be recovered later).
+
+    `share` weighs the key's turns in the pool and `max_running` caps its running jobs (None:
+    no cap); both are read by the claim (store.scheduling).
+    """
+    if share < 1:
+        raise InvalidKeySetting("must be at least 1", field="share")
+    if max_running is not None and max_running < 1:
+        raise InvalidKeySetting("must be at least 1 (or no limit)", field="max_running")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
         id=new_id(),
         name=name,
         key_hash=hash_secret(secret),
         is_admin=is_admin,
+        share=share,
+        max_running=max_running,
         created_at=utcnow(),
     )
     session.add(key)

@@ -19,7 +19,6 @@ from api.schemas import (
     JobPage,
     JobSubmission,
     MetricSeries,
-    job_out,
 )
 from store.jobs import JobFilters
 from store.states import JobStatus
@@ -141,7 +140,7 @@ def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut, summary="One job")
 def get_job(session: SessionDep, caller: CallerDep, job_id: JobId) -> JobOut:
-    return job_out(service.load_job(session, caller, job_id))
+    return service.get_job(session, caller, job_id)
 
 
 @router.post(
