@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -11,6 +12,8 @@ from core.settings import DistillSettings
 from store.models import WEBHOOK_URL_MAX_LENGTH, Checkpoint, Job, JobEvent, JobMetric, utcnow
 from store.webhooks import check_webhook_url
 from store.workers import PoolMember
+
+MIN_PRIORITY, MAX_PRIORITY = -10, 10
 
 # A tag is a label for filtering, not prose: short, no spaces or quotes.
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:/-]+$")]
@@ -44,10 +47,20 @@ class JobSubmission(DistillSettings):
     def _webhook_url(cls, value: str | None) -> str | None:
         return None if value is None else check_webhook_url(value)
 
+    priority: int = Field(
+        0,
+        ge=MIN_PRIORITY,
+        le=MAX_PRIORITY,
+        description=(
+            "Orders this key's own queued jobs (higher first); it never moves a job ahead of "
+            "another key's turn."
+        ),
+    )
+
     def run_settings(self) -> DistillSettings:
         """The run settings alone: what is stored, validated and run."""
         return DistillSettings.model_validate(
-            self.model_dump(by_alias=True, exclude={"name", "tags", "webhook_url"})
+            self.model_dump(by_alias=True, exclude={"name", "tags", "webhook_url", "priority"})
         )
 
 
@@ -83,6 +96,24 @@ class JobOut(BaseModel):
     webhook_url: str | None = Field(
         description="Where this job's end is POSTed (null: the key's default, if any)."
     )
+    priority: int = Field(description="Orders this key's own queued jobs, higher first.")
+    queue_position: int | None = Field(
+        description="While queued: the job's place in the pool's turn order (1: next to start)."
+    )
+    start_eta_seconds: float | None = Field(
+        description=(
+            "While queued: estimated seconds until it starts, from the pool's recent pace; "
+            "null when that cannot be estimated."
+        )
+    )
+
+
+@dataclass(frozen=True)
+class QueueView:
+    """Where a queued job stands: its place in the turn order and when it may start."""
+
+    position: int
+    start_eta_seconds: float | None
 
 
 class JobPage(BaseModel):
@@ -148,7 +179,7 @@ class ErrorOut(BaseModel):
     field: str | None = Field(description="The request field at fault.", examples=["teacher"])
 
 
-def job_out(job: Job) -> JobOut:
+def job_out(job: Job, queue: QueueView | None = None) -> JobOut:
     fraction = None
     if job.total_steps:
         fraction = min(1.0, job.progress_step / job.total_steps)
@@ -178,6 +209,9 @@ def job_out(job: Job) -> JobOut:
         student_uri=job.final_uri,
         cancel_requested=job.cancel_requested,
         webhook_url=job.webhook_url,
+        priority=job.priority,
+        queue_position=queue.position if queue else None,
+        start_eta_seconds=queue.start_eta_seconds if queue else None,
     )
 
 

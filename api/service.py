@@ -15,6 +15,7 @@ from api.schemas import (
     JobPage,
     JobSubmission,
     MetricSeries,
+    QueueView,
     checkpoint_out,
     event_out,
     job_out,
@@ -26,6 +27,9 @@ from store import jobs
 from store.config import get_config
 from store.keys import lock_key
 from store.models import Job
+from store.scheduling import queue_places
+from store.start_estimate import pool_pace, start_eta
+from store.states import JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +89,7 @@ def submit_job(
             name=submission.name,
             tags=submission.tags,
             webhook_url=submission.webhook_url,
+            priority=submission.priority,
         )
 
     if idempotency_key is not None:
@@ -92,7 +97,7 @@ def submit_job(
         if existing is not None:
             # A replay answers with the first job even when the queue is now full.
             job, created = create()
-            return job_out(job), created
+            return _shown(session, [job])[0], created
     lock_key(session, caller.key_id)
     queued = jobs.count_queued(session, caller.key_id)
     if queued >= config.max_queued_per_key:
@@ -104,17 +109,19 @@ def submit_job(
     session.commit()
     if created:
         _dispatch(session, job.id, enqueue)
-    return job_out(job), created
+    return _shown(session, [job])[0], created
 
 
 def _dispatch(session: Session, job_id: str, enqueue: Enqueue) -> None:
+    # Counted before it is sent: a worker may take the message at once (store.scheduling).
+    jobs.mark_enqueued(session, job_id)
+    session.commit()
     try:
         enqueue(job_id)
     except Exception:  # noqa: BLE001 - any broker failure: the row is queued, the dispatcher resends
         logger.warning("enqueue of job %s failed; it stays queued for the dispatcher", job_id)
-        return
-    jobs.mark_enqueued(session, job_id)
-    session.commit()
+        jobs.unmark_enqueued(session, job_id)
+        session.commit()
 
 
 def list_jobs(
@@ -137,7 +144,26 @@ def list_jobs(
     )
     page = rows[:limit]
     next_cursor = jobs.encode_cursor(page[-1]) if len(rows) > limit else None
-    return JobPage(items=[job_out(job) for job in page], next_cursor=next_cursor)
+    return JobPage(items=_shown(session, page), next_cursor=next_cursor)
+
+
+def get_job(session: Session, caller: Caller, job_id: str) -> JobOut:
+    return _shown(session, [load_job(session, caller, job_id)])[0]
+
+
+def _shown(session: Session, rows: list[Job]) -> list[JobOut]:
+    """The jobs as the API shows them: a queued one with its place in the queue and its
+    estimated start (one query for the places of all, one for the pool's pace)."""
+    queued = [job.id for job in rows if job.status == JobStatus.QUEUED.value]
+    views: dict[str, QueueView] = {}
+    if queued:
+        places = queue_places(session, queued)
+        pace = pool_pace(session, stale_after_seconds=get_config().stale_after_seconds)
+        views = {
+            job_id: QueueView(place.position, start_eta(pace, place.position))
+            for job_id, place in places.items()
+        }
+    return [job_out(job, views.get(job.id)) for job in rows]
 
 
 def cancel_job(session: Session, caller: Caller, job_id: str) -> JobOut:

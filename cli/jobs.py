@@ -103,6 +103,8 @@ def _submit(api: Api, args: argparse.Namespace) -> int:
         settings["tags"] = [*settings.get("tags", []), *args.tag]
     if args.webhook_url is not None:
         settings["webhook_url"] = args.webhook_url
+    if args.priority is not None:
+        settings["priority"] = args.priority
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     job = api.request("POST", "/v1/jobs", json=settings, headers=headers)
     print(job["id"])
@@ -133,13 +135,22 @@ def _eta(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _when(job: dict[str, Any]) -> str:
+    """A running job's time to its end; a queued one's place in the queue and time to its start."""
+    if job["status"] == "running":
+        return _eta(job["progress"]["eta_seconds"])
+    if job["status"] == "queued" and job["queue_position"] is not None:
+        return f"#{job['queue_position']} {_eta(job['start_eta_seconds'])}"
+    return "-"
+
+
 def _list(api: Api, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {"limit": args.limit}
     for option in ("status", "name", "tag", "owner"):
         if getattr(args, option):
             params[option] = getattr(args, option)
     page = api.request("GET", "/v1/jobs", params=params)
-    print(f"{'ID':32}  {'NAME':20}  {'PRESET':7}  {'STATUS':9}  {'PROGRESS':>16}  {'ETA':>7}")
+    print(f"{'ID':32}  {'NAME':20}  {'PRESET':7}  {'STATUS':9}  {'PROGRESS':>16}  {'ETA':>10}")
     for job in page["items"]:
         progress = job["progress"]
         done = f"{progress['step']}/{progress['total_steps'] or '?'}"
@@ -147,8 +158,9 @@ def _list(api: Api, args: argparse.Namespace) -> int:
             done += f" {progress['fraction']:4.0%}"
         name = (job["name"] or "-")[:20]
         preset = job["settings"].get("preset") or "-"
-        eta = _eta(progress["eta_seconds"]) if job["status"] == "running" else "-"
-        print(f"{job['id']}  {name:20}  {preset:7}  {job['status']:9}  {done:>16}  {eta:>7}")
+        print(
+            f"{job['id']}  {name:20}  {preset:7}  {job['status']:9}  {done:>16}  {_when(job):>10}"
+        )
     if page["next_cursor"]:
         print("(more: raise --limit, up to 100)", file=sys.stderr)
     return 0
@@ -156,6 +168,22 @@ def _list(api: Api, args: argparse.Namespace) -> int:
 
 def _get(api: Api, args: argparse.Namespace) -> int:
     print(json.dumps(api.request("GET", f"/v1/jobs/{args.job_id}"), indent=2))
+    return 0
+
+
+def _status(api: Api, args: argparse.Namespace) -> int:
+    job = api.request("GET", f"/v1/jobs/{args.job_id}")
+    line = f"{job['id']}  {job['status']}"
+    if job["status"] == "queued" and job["queue_position"] is not None:
+        starts = job["start_eta_seconds"]
+        line += f"  position {job['queue_position']}"
+        line += f", starts in about {_eta(starts)}" if starts is not None else ", start unknown"
+    elif job["status"] == "running":
+        progress = job["progress"]
+        line += f"  step {progress['step']}/{progress['total_steps'] or '?'}"
+        if progress["eta_seconds"] is not None:
+            line += f", ends in about {_eta(progress['eta_seconds'])}"
+    print(line)
     return 0
 
 
@@ -185,6 +213,10 @@ def _wait(api: Api, args: argparse.Namespace) -> int:
             # update() rather than setting n: tqdm's own rate and ETA come from the increments.
             bar.update(max(0, progress["step"] - bar.n))
             postfix = {"status": job["status"]}
+            if job["queue_position"] is not None:
+                postfix["queue"] = f"#{job['queue_position']}"
+            if job["start_eta_seconds"] is not None:
+                postfix["starts_in"] = f"{job['start_eta_seconds']:.0f}s"
             if progress["eta_seconds"] is not None:
                 postfix["server_eta"] = f"{progress['eta_seconds']:.0f}s"
             loss = job["latest_metrics"].get("train/loss")
@@ -326,6 +358,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     submit.add_argument(
         "--webhook-url", help="POST the job's end here (overrides the file's `webhook_url`)."
     )
+    submit.add_argument(
+        "--priority",
+        type=int,
+        help="Order among your own queued jobs, -10 to 10, higher first (default 0).",
+    )
     listing = add("list", _list, "List your jobs, newest first.")
     listing.add_argument("--status", choices=["queued", "running", *sorted(FINISHED)])
     listing.add_argument("--name", help="Only jobs whose name contains this.")
@@ -333,6 +370,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing.add_argument("--owner", help="Only jobs of this API key id (admin keys).")
     listing.add_argument("--limit", type=int, default=20, choices=range(1, 101), metavar="N")
     add("get", _get, "Print one job as JSON.").add_argument("job_id")
+    status = add("status", _status, "One line: a job's state, and its place in the queue.")
+    status.add_argument("job_id")
     add("cancel", _cancel, "Cancel a job.").add_argument("job_id")
     wait = add("wait", _wait, "Show progress until the job ends; exit 0 only if it succeeded.")
     wait.add_argument("job_id")

@@ -132,6 +132,7 @@ def create_job(
     name: str | None = None,
     tags: Sequence[str] = (),
     webhook_url: str | None = None,
+    priority: int = 0,
 ) -> tuple[Job, bool]:
     """A new queued job, or the existing one for the same owner and idempotency key.
 
@@ -158,6 +159,7 @@ def create_job(
         name=name,
         tags=list(tags),
         webhook_url=webhook_url,
+        priority=priority,
         created_at=now,
         updated_at=now,
     )
@@ -321,8 +323,9 @@ def request_cancel(session: Session, job_id: str, owner: str | None) -> Job:
 
 
 def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
-    """Take a queued job for `worker_id`; None if it is not claimable (a second delivery, a
-    cancelled or already running job). One conditional UPDATE, so exactly one claimant wins."""
+    """Take this queued job for `worker_id`; None if it is not claimable (cancelled, already
+    running or finished). One conditional UPDATE, so exactly one claimant wins. Workers call it
+    through `store.scheduling.claim_next`, which picks the job."""
     now = utcnow()
     claimed = session.execute(
         sa.update(Job)
@@ -644,25 +647,33 @@ def requeue_stale(
     return changed
 
 
+def has_outstanding_message() -> sa.ColumnElement[bool]:
+    """A message counted against the job is still waiting in the broker (or in a worker's
+    hands): sent, and not used up since (see `store.scheduling`)."""
+    return sa.and_(
+        Job.enqueued_at.is_not(None),
+        sa.or_(Job.received_at.is_(None), Job.received_at < Job.enqueued_at),
+    )
+
+
 def jobs_to_redispatch(
     session: Session, *, older_than_seconds: float, broker_empty: bool = False
 ) -> list[str]:
     """Queued jobs that need a message: never sent, or sent long ago and not waiting any more.
 
-    One message per job at a time: a message sent after a worker last took one
-    (`received_at`) is outstanding, and waits in the broker behind the others however long
-    the queue is; it is sent again only when the broker's queue is empty (`broker_empty`), so
-    the message must have been lost (a broker restarted without its data). A message a worker
-    took while the job stays queued did not lead to a claim, and is sent again.
+    One message per job at a time: a message counted against a job and not used up since is
+    outstanding, and waits in the broker behind the others however long the queue is; it is
+    sent again only when the broker's queue is empty (`broker_empty`), so the message must have
+    been lost (a broker restarted without its data). A message used up without starting its
+    job (`store.scheduling.use_up_message`) is sent again.
     """
     threshold = utcnow() - timedelta(seconds=older_than_seconds)
-    outstanding = sa.and_(
-        Job.enqueued_at.is_not(None),
-        sa.or_(Job.received_at.is_(None), Job.received_at < Job.enqueued_at),
-    )
     due = sa.or_(
         Job.enqueued_at.is_(None),
-        sa.and_(Job.enqueued_at < threshold, sa.true() if broker_empty else ~outstanding),
+        sa.and_(
+            Job.enqueued_at < threshold,
+            sa.true() if broker_empty else ~has_outstanding_message(),
+        ),
     )
     return list(
         session.execute(
@@ -673,22 +684,20 @@ def jobs_to_redispatch(
     )
 
 
-def take_message(session: Session, job_id: str) -> bool:
-    """A worker took the job's message off the queue: note it, and say whether the job is
-    still waiting to be claimed (False: the message is stale, drop it without a job process)."""
-    status = session.execute(
-        sa.update(Job)
-        .where(Job.id == job_id)
-        .values(received_at=utcnow())
-        .returning(Job.status, Job.cancel_requested),
-        execution_options={"synchronize_session": False},
-    ).one_or_none()
-    return status is not None and status[0] == JobStatus.QUEUED.value and not status[1]
-
-
 def mark_enqueued(session: Session, job_id: str) -> None:
+    """Count a message against the job: called before the message is sent, so a worker that
+    takes it at once already finds it counted."""
     session.execute(
         sa.update(Job).where(Job.id == job_id).values(enqueued_at=utcnow()),
+        execution_options={"synchronize_session": False},
+    )
+
+
+def unmark_enqueued(session: Session, job_id: str) -> None:
+    """The send failed (the broker is down): the job has no message, and the reaper's next
+    pass sends one."""
+    session.execute(
+        sa.update(Job).where(Job.id == job_id).values(enqueued_at=None),
         execution_options={"synchronize_session": False},
     )
 

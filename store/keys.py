@@ -12,10 +12,15 @@ import secrets
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from core.errors import AmidError
 from store.models import ApiKey, new_id, utcnow
 
 KEY_PREFIX = "amid_"
 WEBHOOK_SECRET_PREFIX = "whsec_"
+
+
+class InvalidKeySetting(AmidError):
+    status_code = 422
 
 
 def hash_secret(secret: str) -> str:
@@ -28,18 +33,32 @@ def new_webhook_secret() -> str:
 
 
 def create_api_key(
-    session: Session, name: str, is_admin: bool = False, *, webhook_url: str | None = None
+    session: Session,
+    name: str,
+    is_admin: bool = False,
+    *,
+    share: int = 1,
+    max_running: int | None = None,
+    webhook_url: str | None = None,
 ) -> tuple[ApiKey, str]:
     """A new key and its secret (returned here only; it cannot be recovered later).
 
-    `webhook_url` must have passed `store.webhooks.check_webhook_url`.
+    `share` weighs the key's turns in the pool and `max_running` caps its running jobs (None:
+    no cap); both are read by the claim (store.scheduling). `webhook_url` must have passed
+    `store.webhooks.check_webhook_url`.
     """
+    if share < 1:
+        raise InvalidKeySetting("must be at least 1", field="share")
+    if max_running is not None and max_running < 1:
+        raise InvalidKeySetting("must be at least 1 (or no limit)", field="max_running")
     secret = KEY_PREFIX + secrets.token_urlsafe(32)
     key = ApiKey(
         id=new_id(),
         name=name,
         key_hash=hash_secret(secret),
         is_admin=is_admin,
+        share=share,
+        max_running=max_running,
         created_at=utcnow(),
         webhook_url=webhook_url,
         webhook_secret=new_webhook_secret(),

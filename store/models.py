@@ -78,6 +78,8 @@ class Job(Base):
         sa.Index("ix_jobs_created_at_id", "created_at", "id"),
         sa.Index("ix_jobs_owner_created_at_id", "owner", "created_at", "id"),
         sa.Index("ix_jobs_status_created_at_id", "status", "created_at", "id"),
+        # The claim's turn order reads each waiting owner's latest start (store.scheduling).
+        sa.Index("ix_jobs_owner_started_at", "owner", "started_at"),
     )
 
     id: Mapped[str] = mapped_column(sa.String(32), primary_key=True, default=new_id)
@@ -102,8 +104,11 @@ class Job(Base):
     # What people call the job: a free name and labels, both filters of the listing.
     name: Mapped[str | None] = mapped_column(sa.String(255))
     tags: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default=sa.text("'[]'"))
+    # Orders the jobs of one owner only (higher first): never a way past other owners' turns.
+    priority: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
     enqueued_at: Mapped[datetime | None]
-    # When a worker last took this job's message off the queue. A message sent after that
+    # When a wake-up message counted against this job was last used up without starting it (a
+    # message is any job's wake-up: see store.scheduling). A message sent after that
     # (enqueued_at later) is still outstanding, and the reaper sends no second one.
     received_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -193,6 +198,10 @@ class ApiKey(Base):
     # sha256 hex of the secret: the secret itself is shown once and never stored.
     key_hash: Mapped[str] = mapped_column(sa.String(64))
     is_admin: Mapped[bool] = mapped_column(default=False)
+    # The key's weight in the pool's turns (2: two jobs started per turn where others start one).
+    share: Mapped[int] = mapped_column(default=1, server_default=sa.text("1"))
+    # Jobs of this key running at once; None: no limit.
+    max_running: Mapped[int | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None]
     # Where this key's jobs report their end unless a job names its own URL.

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+
+from sqlalchemy.orm import Session
 
 from store import jobs
 from store.config import get_config
@@ -48,13 +51,15 @@ def sweep() -> dict[str, list[str]]:
         what="find queued jobs",
     )
     for job_id in dict.fromkeys([*done["requeued"], *pending]):
+        # Counted before it is sent: a worker may take the message at once (store.scheduling).
+        _record(jobs.mark_enqueued, job_id, "mark enqueued")
         try:
             enqueue(job_id)
         except Exception:
             # The broker is down: the row stays queued and the next pass sends it again.
             logger.exception("could not enqueue job %s", job_id)
+            _record(jobs.unmark_enqueued, job_id, "unmark enqueued")
             continue
-        _mark_enqueued(job_id)
         done["redispatched"].append(job_id)
     # Last: the jobs this pass failed or cancelled owe their deliveries already.
     done["webhooks"] = deliver_due()
@@ -63,8 +68,8 @@ def sweep() -> dict[str, list[str]]:
     return done
 
 
-def _mark_enqueued(job_id: str) -> None:
-    with_session(lambda s: jobs.mark_enqueued(s, job_id), what="mark enqueued")
+def _record(change: Callable[[Session, str], None], job_id: str, what: str) -> None:
+    with_session(lambda s: change(s, job_id), what=what)
 
 
 def run_forever(stop: threading.Event, interval: float | None = None) -> None:

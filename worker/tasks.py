@@ -1,14 +1,16 @@
-"""The one Celery task: claim the job in the DB, then hand it to the runner.
+"""The one Celery task: claim the next job in the DB, then hand it to the runner.
 
-The message carries only a job id. Acks are late, so a worker lost mid-job leaves the message to
-be delivered again; the DB claim makes that (and any duplicate delivery) harmless: a job that is
-not `queued` is not claimed, and the task returns without doing anything.
+The message only wakes a worker: it carries the id of the job whose submission sent it, but the
+store's turn order decides which job the worker claims (`store.scheduling.claim_next`). Acks are
+late, so a worker lost mid-job leaves the message to be delivered again; the DB claim makes that
+(and any duplicate delivery) harmless: a job is claimed once, and a message that finds nothing
+to claim returns without doing anything.
 
-A message for a job that is plainly not waiting any more (cancelled while queued, already running
-or finished) does not even get that far: the worker's main process checks the row when it takes
-the message off the queue and drops it there, so a stale message costs one UPDATE, not a fresh
-job process. The same check notes that the job's message was taken (`received_at`), which tells
-the reaper that no message for the job is outstanding.
+A message that finds no job able to start at all (the queue is empty, or every waiting job's
+key is at its running limit) does not even get that far: the worker's main process asks the
+store when it takes the message off the queue and drops it there, so a stale message costs a
+query, not a fresh job process. The store then counts the message as used up, which tells the
+reaper to send a new one when a job still waits for it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from celery.utils.log import get_logger
 from celery.worker.request import Request
 from celery.worker.state import task_ready
 
-from store import jobs
+from store import scheduling
+from store.models import Job
 from store.queue import RUN_JOB_TASK, get_celery_app
 from worker import broker, registry
 from worker.db_retry import with_session
@@ -34,7 +37,7 @@ app: Celery = get_celery_app()
 broker.use_in(app)
 
 
-STALE_MESSAGE_LOG = "job %s: stale message dropped (the job is not waiting to be claimed)"
+STALE_MESSAGE_LOG = "job %s: stale message dropped (no job can start now)"
 HANDED_BACK_LOG = "job %s: message handed back to the queue (this worker is draining)"
 
 
@@ -58,7 +61,7 @@ class DropStaleMessages(Request):
             registry.stop_consuming()
             return True
         if not isinstance(job_id, str) or with_session(
-            lambda s: jobs.take_message(s, job_id), what="take message"
+            lambda s: scheduling.take_message(s, job_id), what="take message"
         ):
             return False
         logger.info(STALE_MESSAGE_LOG, job_id)
@@ -72,12 +75,20 @@ class DropStaleMessages(Request):
 
 
 @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True, Request=DropStaleMessages)
-def run_job(job_id: str) -> str:
+def run_job(message_job_id: str) -> str:
     me = worker_id()
-    claimed = with_session(lambda s: jobs.claim_job(s, job_id, me) is not None, what="claim")
-    if not claimed:
-        logger.info("job %s: nothing to claim (already taken, finished or cancelled)", job_id)
+    claimed = with_session(
+        lambda s: _claimed_id(scheduling.claim_next(s, me, message_job_id)), what="claim"
+    )
+    if claimed is None:
+        logger.info(
+            "job %s: nothing to claim (its message found no job that can start now)", message_job_id
+        )
         return "not_claimed"
     from worker.runner import run_job as run_claimed
 
-    return run_claimed(job_id, me)
+    return run_claimed(claimed, me)
+
+
+def _claimed_id(job: Job | None) -> str | None:
+    return job.id if job is not None else None

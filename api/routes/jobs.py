@@ -19,7 +19,6 @@ from api.schemas import (
     JobPage,
     JobSubmission,
     MetricSeries,
-    job_out,
 )
 from store.jobs import JobFilters
 from store.states import JobStatus
@@ -139,9 +138,7 @@ async def list_jobs(
 
 @router.get("/{job_id}", response_model=JobOut, summary="One job")
 async def get_job(reader: ReaderDep, job_id: JobId) -> JobOut:
-    return await reader.read(
-        lambda session, caller: job_out(service.load_job(session, caller, job_id))
-    )
+    return await reader.read(lambda session, caller: service.get_job(session, caller, job_id))
 
 
 @router.post(

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
+from store.db import upgrade
 from tests.conftest import _require
-from tests.integration.faults._stack import PrivateRedis, ServerFailed
+from tests.integration.faults._stack import PrivateRedis, ServerFailed, Stack
 
 
 @pytest.fixture
@@ -24,3 +27,39 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def own_database(postgres_url: str) -> Iterator[str]:
+    """A migrated database of this test's own on the local Postgres, dropped afterwards.
+
+    Not the session's shared one: a reaper sweeps every running and queued job of its database,
+    so it would take over (and re-send) jobs that other tests left behind.
+    """
+    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    name = f"amid_faults_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = admin.url.set(database=name).render_as_string(hide_password=False)
+    try:
+        upgrade(url)
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
+    """`make_stack(database_url, broker_url, **env)`: a stack whose processes stop at teardown."""
+    stacks: list[Stack] = []
+
+    def make(database_url: str, broker_url: str, **settings: str) -> Stack:
+        stack = Stack(tmp_path / f"stack-{len(stacks)}", database_url, broker_url, settings)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in reversed(stacks):
+        stack.close()

@@ -223,3 +223,26 @@ def test_download_unpacks_the_student(
     unpacked = Path(out.strip().splitlines()[0])
     assert (unpacked / "config.json").read_text() == '{"n_layer": 2}'
     assert [path.name for path in target.iterdir()] == [unpacked.name]  # no scratch left behind
+
+
+def test_status_and_list_show_a_queued_jobs_place(
+    wired: None, secret: str, run_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = ("jobs", "--api-key", secret)
+    code, out, _ = _amid(capsys, *key, "submit", str(run_file), "--priority", "3")
+    job_id = out.strip()
+    assert code == 0
+    shown = json.loads(_amid(capsys, *key, "get", job_id)[1])
+    position = shown["queue_position"]
+    assert shown["priority"] == 3 and isinstance(position, int) and position >= 1
+
+    code, out, _ = _amid(capsys, *key, "status", job_id)
+    assert code == 0 and out.startswith(f"{job_id}  queued  position {position}, ")
+    code, out, _ = _amid(capsys, *key, "list", "--status", "queued")
+    line = next(row for row in out.splitlines() if row.startswith(job_id))
+    assert f"#{position} " in line
+
+    with session_scope() as session:
+        jobs.claim_job(session, job_id, "w")
+    code, out, _ = _amid(capsys, *key, "status", job_id)
+    assert code == 0 and out.startswith(f"{job_id}  running  step 0/?")

@@ -401,3 +401,39 @@ def test_concurrent_submissions_with_one_idempotency_key_make_one_job(
     assert len({job_id for _, job_id in results}) == 1
     assert sorted(code for code, _ in results) == [200, 200, 200, 201]
     assert len(sent.ids) == 1
+
+
+# -- the queue -----------------------------------------------------------------------------------
+
+
+def test_a_queued_job_shows_its_place_and_priority_orders_a_keys_own_jobs(
+    client: TestClient, make_key: MakeKey, roots: Any
+) -> None:
+    headers = make_key()
+    first = _submit(client, headers)
+    urgent = _submit(client, headers, priority=5)
+    places = {
+        job["id"]: job["queue_position"]
+        for job in client.get("/v1/jobs", params={"status": "queued"}, headers=headers).json()[
+            "items"
+        ]
+    }
+    assert urgent["priority"] == 5
+    assert 1 <= places[urgent["id"]] < places[first["id"]]
+    assert (
+        client.get(f"/v1/jobs/{first['id']}", headers=headers).json()["queue_position"]
+        == (places[first["id"]])
+    )
+
+    _run_to_end(urgent["id"], "succeeded")
+    done = client.get(f"/v1/jobs/{urgent['id']}", headers=headers).json()
+    assert (done["queue_position"], done["start_eta_seconds"]) == (None, None)
+
+
+@pytest.mark.parametrize("priority", [11, -11, 1.5, "high"])
+def test_a_priority_out_of_bounds_is_refused_naming_the_field(
+    client: TestClient, make_key: MakeKey, roots: Any, priority: Any
+) -> None:
+    response = client.post("/v1/jobs", json={**BODY, "priority": priority}, headers=make_key())
+    assert response.status_code == 422, response.text
+    assert response.json()["field"] == "priority"

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from store.artifacts import ArtifactStore
 from store.config import ServiceConfig
@@ -43,10 +44,15 @@ class Service:
 def service(
     postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    from store.db import upgrade
+    from store.db import make_engine, upgrade
 
     root = tmp_path_factory.mktemp("e2e-pg")
     upgrade(postgres_url)
+    # The worker claims the pool's next job: jobs other tests left queued are not for it.
+    engine = make_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("UPDATE jobs SET status = 'failed' WHERE status = 'queued'"))
+    engine.dispose()
     artifacts_uri = (root / "artifacts").as_uri()
     env = base_env(
         root / "home",

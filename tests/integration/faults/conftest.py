@@ -1,5 +1,5 @@
-"""Fixtures of the fault tests: service stacks of real processes, private Redis and Postgres
-servers to stop and start, a database of each test's own, and the reliability record.
+"""Fixtures of the fault tests: private Postgres servers to stop and start, and the reliability
+record (stacks of real processes and a database of its own are shared: ../conftest.py).
 
 Service-backed fixtures follow the suite's rule: they skip on a machine without the services and
 fail when AMID_REQUIRE_SERVICES=1, so CI never passes by skipping a fault test.
@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
-import sqlalchemy as sa
 
 from store.db import upgrade
 from tests.conftest import _require
-from tests.integration.faults._stack import PrivatePostgres, ServerFailed, Stack
+from tests.integration.faults._stack import PrivatePostgres, ServerFailed
 from tests.integration.faults.records import REPORT_ENV, record_problem
 
 _CALL_PASSED = pytest.StashKey[bool]()
@@ -96,27 +94,6 @@ def fault_record(request: pytest.FixtureRequest) -> Iterator[FaultRecord]:
 
 
 @pytest.fixture
-def own_database(postgres_url: str) -> Iterator[str]:
-    """A migrated database of this test's own on the local Postgres, dropped afterwards.
-
-    Not the session's shared one: a reaper sweeps every running and queued job of its database,
-    so it would take over (and re-send) jobs that other tests left behind.
-    """
-    admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = f"amid_faults_{uuid.uuid4().hex[:12]}"
-    with admin.connect() as conn:
-        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    url = admin.url.set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-
-@pytest.fixture
 def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
     """A running, migrated Postgres cluster of this test's own."""
     server: PrivatePostgres | None = None
@@ -134,18 +111,3 @@ def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
         yield server
     finally:
         server.close()
-
-
-@pytest.fixture
-def make_stack(tmp_path: Path) -> Iterator[Callable[..., Stack]]:
-    """`make_stack(database_url, broker_url, **env)`: a stack whose processes stop at teardown."""
-    stacks: list[Stack] = []
-
-    def make(database_url: str, broker_url: str, **settings: str) -> Stack:
-        stack = Stack(tmp_path / f"stack-{len(stacks)}", database_url, broker_url, settings)
-        stacks.append(stack)
-        return stack
-
-    yield make
-    for stack in reversed(stacks):
-        stack.close()

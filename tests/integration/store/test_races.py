@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from store import jobs
 from store.keys import create_api_key
 from store.models import Job
+from store.scheduling import claim_next
 
 pytestmark = pytest.mark.integration
 
@@ -69,6 +70,53 @@ def _claim_and_commit(engine: sa.Engine, job_id: str, worker: str) -> str | None
         claimed = jobs.claim_job(session, job_id, worker)
         session.commit()
         return claimed.id if claimed else None
+
+
+def _fresh_queue(engine: sa.Engine, count: int) -> list[str]:
+    """`count` committed jobs, alone in the queue (jobs other tests left queued are failed)."""
+    with Session(engine) as session:
+        session.execute(sa.update(Job).where(Job.status == "queued").values(status="failed"))
+        key, _ = create_api_key(session, "pool")
+        made = [jobs.create_job(session, SETTINGS, key.id, None, 3)[0].id for _ in range(count)]
+        session.commit()
+        return made
+
+
+def _claim_next_and_commit(engine: sa.Engine, worker: str) -> str | None:
+    with Session(engine) as session:
+        claimed = claim_next(session, worker, "0" * 32)
+        session.commit()
+        return claimed.id if claimed else None
+
+
+def test_two_workers_picking_the_next_job_take_different_ones(engine: sa.Engine) -> None:
+    first_job, second_job = _fresh_queue(engine, 2)
+    # A has picked and claimed the first job (not committed) when B asks for the next one.
+    with Session(engine) as first:
+        claimed = claim_next(first, "A", "0" * 32)
+        assert claimed is not None and claimed.id == first_job
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(_claim_next_and_commit, engine, "B")
+            with pytest.raises(TimeoutError):
+                second.result(timeout=0.5)  # B waits for A's claim to commit or roll back
+            first.commit()
+            assert second.result(timeout=10) == second_job
+
+
+def test_many_workers_picking_at_once_never_share_a_job(engine: sa.Engine) -> None:
+    queued = _fresh_queue(engine, RACERS // 2)
+    barrier = threading.Barrier(RACERS)
+
+    def claim(worker: int) -> str | None:
+        barrier.wait()
+        return _claim_next_and_commit(engine, f"worker-{worker}")
+
+    with ThreadPoolExecutor(RACERS) as pool:
+        results = list(pool.map(claim, range(RACERS)))
+    taken = [job_id for job_id in results if job_id is not None]
+    assert sorted(taken) == sorted(queued)  # each job once; the other workers got nothing
+    with Session(engine) as session:
+        assert {jobs.get_job(session, job_id).attempt for job_id in queued} == {1}
 
 
 def test_idempotent_create_race_makes_one_job(engine: sa.Engine) -> None:

@@ -35,6 +35,13 @@ def db(postgres_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> It
     get_config.cache_clear()
     reset_engine()
     upgrade(postgres_url)
+    # The task claims the pool's next job, so the pool holds only this test's jobs.
+    with session_scope() as session:
+        session.execute(
+            sa.update(Job)
+            .where(Job.status.in_(["queued", "running"]))
+            .values(status="failed", finished_at=sa.func.now())
+        )
     yield postgres_url
     reset_engine()
 

@@ -36,3 +36,19 @@ def test_db_upgrade_then_keys_create_prints_a_working_secret(
     with session_scope() as session:
         assert authenticate(session, secret) is None
     reset_engine()
+
+
+def test_keys_create_takes_a_share_and_a_running_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["db", "upgrade"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "create", "sweeps", "--share", "2", "--max-running", "3"]) == 0
+    secret = capsys.readouterr().out.strip()
+    with session_scope() as session:
+        key = authenticate(session, secret)
+        assert key is not None and (key.share, key.max_running) == (2, 3)
+    assert main(["keys", "list"]) == 0
+    assert "share 2  max 3 running" in capsys.readouterr().out
+
+    assert main(["keys", "create", "bad", "--max-running", "0"]) == 2
+    assert "--max-running: must be at least 1" in capsys.readouterr().err
+    reset_engine()
