@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
-from store.db import make_engine, upgrade
+from store.db import make_engine
 from store.keys import create_api_key
 from tests.integration.api._client import run_amid
 from tests.integration.e2e._service import job_body, stop, wait_for
@@ -25,9 +25,10 @@ FINISHED = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture
-def stack(postgres_url: str, redis_url: str, tmp_path: Path) -> Iterator[Stack]:
-    upgrade(postgres_url)
-    running = Stack(tmp_path / "stack", postgres_url, redis_url)
+def stack(own_database: str, redis_url: str, tmp_path: Path) -> Iterator[Stack]:
+    # A database of its own: a worker takes the pool's next job, which in the session's shared
+    # database could be one another test left queued.
+    running = Stack(tmp_path / "stack", own_database, redis_url)
     try:
         yield running
     finally:

@@ -31,18 +31,17 @@ JOB_TIMEOUT = 180.0
 
 
 def test_each_end_of_a_job_reaches_the_receiver_signed(
-    postgres_url: str, redis_url: str, tmp_path: Path
+    own_database: str, redis_url: str, tmp_path: Path
 ) -> None:
-    from store.db import upgrade
-
-    upgrade(postgres_url)
+    # A database of its own: its worker takes the pool's next job and its reaper sweeps every
+    # job, so in the session's shared database they would act on jobs other tests left behind.
     # A model root of this test's own: a teacher copied there can vanish after it was accepted.
     models = tmp_path / "models"
     vanishing_teacher = models / "teacher"
     shutil.copytree(DEMO / "assets" / "teacher", vanishing_teacher)
     env = base_env(
         tmp_path / "home",
-        AMID_DATABASE_URL=postgres_url,
+        AMID_DATABASE_URL=own_database,
         AMID_BROKER_URL=redis_url,
         AMID_QUEUE=f"amid-webhooks-{uuid.uuid4().hex[:8]}",
         AMID_ARTIFACTS_URI=(tmp_path / "artifacts").as_uri(),
@@ -59,7 +58,7 @@ def test_each_end_of_a_job_reaches_the_receiver_signed(
         start(["cli.main", "worker", "--loglevel=INFO"], env, tmp_path / "worker.log"),
         start(["cli.main", "reaper", "--interval", "0.5"], env, tmp_path / "reaper.log"),
     ]
-    client = Client(url, make_key(postgres_url))
+    client = Client(url, make_key(own_database))
     verify = documented_verifier()
     try:
         wait_ready(url, processes)
