@@ -492,7 +492,9 @@ class DistillSettings(_Strict):
         """The settings of the sweep's student `index`: the job's, with its entry's knobs."""
         assert self.sweep is not None, "only a sweep has students"
         entry = self.sweep[index].overrides()
-        base = {key: value for key, value in self.public_dict().items() if key != "sweep"}
+        # Only the run's own fields: a request body (a subclass) also holds the job's name, tags...
+        own = set(DistillSettings.model_fields) - {"sweep"}
+        base = self.model_dump(mode="json", by_alias=True, include=own)
         if "preset" in entry:
             # The entry's preset decides every knob it covers, not the job's explicit values.
             base = {key: value for key, value in base.items() if key not in PRESET_FIELDS}
