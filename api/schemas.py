@@ -76,6 +76,49 @@ class JobError(BaseModel):
     message: str
 
 
+class SweepStudentOut(BaseModel):
+    student: int = Field(description="Its place in the job's `sweep` list, from 0.")
+    knobs: dict[str, Any] = Field(description="Its sweep entry, as submitted.")
+    rank: int | None = Field(description="1 is the best; null until the sweep has succeeded.")
+    metric: str | None = Field(description="The metric the students are ranked by.")
+    score: float | None = Field(description="Its value of that metric (null: never measured).")
+    download_url: str | None = Field(
+        description="Where this API serves its final student as a tar.gz, once succeeded."
+    )
+
+
+class StudentList(BaseModel):
+    items: list[SweepStudentOut] = Field(description="Best first once ranked, else in order.")
+
+
+def sweep_students(job: Job) -> list[SweepStudentOut]:
+    """A sweep job's students: ranked, best first, once it succeeded; in sweep order before."""
+    if job.sweep_summary:
+        return [
+            SweepStudentOut(
+                student=entry["student"],
+                knobs=entry["knobs"],
+                rank=entry["rank"],
+                metric=entry["metric"],
+                score=entry["score"],
+                download_url=f"/v1/jobs/{job.id}/students/{entry['student']}",
+            )
+            for entry in job.sweep_summary
+        ]
+    return [
+        SweepStudentOut(
+            student=index, knobs=knobs, rank=None, metric=None, score=None, download_url=None
+        )
+        for index, knobs in enumerate(_sweep_entries(job))
+    ]
+
+
+def _sweep_entries(job: Job) -> list[dict[str, Any]]:
+    # Stored settings have every default filled in: an entry's unset knobs are nulls.
+    entries = job.settings.get("sweep") or []
+    return [{key: value for key, value in entry.items() if value is not None} for entry in entries]
+
+
 class JobOut(BaseModel):
     id: str = Field(examples=["4f1c2e9a0b7d4c3e8f6a5b4c3d2e1f00"])
     name: str | None
@@ -104,6 +147,12 @@ class JobOut(BaseModel):
         description=(
             "While queued: estimated seconds until it starts, from the pool's recent pace; "
             "null when that cannot be estimated."
+        )
+    )
+    sweep_summary: list[SweepStudentOut] | None = Field(
+        description=(
+            "A sweep: its students, best first once it has succeeded (the final student is the "
+            "first one's); null for a job of one student."
         )
     )
 
@@ -212,6 +261,7 @@ def job_out(job: Job, queue: QueueView | None = None) -> JobOut:
         priority=job.priority,
         queue_position=queue.position if queue else None,
         start_eta_seconds=queue.start_eta_seconds if queue else None,
+        sweep_summary=sweep_students(job) if job.settings.get("sweep") else None,
     )
 
 

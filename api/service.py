@@ -16,10 +16,12 @@ from api.schemas import (
     JobSubmission,
     MetricSeries,
     QueueView,
+    StudentList,
     checkpoint_out,
     event_out,
     job_out,
     metric_out,
+    sweep_students,
 )
 from api.validation import validate_job_settings
 from core.errors import AmidError
@@ -208,6 +210,35 @@ def student_uri(session: Session, caller: Caller, job_id: str) -> str:
     if job.final_uri is None:
         raise StudentNotReady(f"job {job.id} has no final student yet (status {job.status})")
     return job.final_uri
+
+
+class NotASweep(AmidError):
+    status_code = 404
+
+
+class StudentNotFound(AmidError):
+    status_code = 404
+
+
+def list_students(session: Session, caller: Caller, job_id: str) -> StudentList:
+    job = load_job(session, caller, job_id)
+    if not job.settings.get("sweep"):
+        raise NotASweep(f"job {job.id} is not a sweep; its student is at /v1/jobs/{job.id}/student")
+    return StudentList(items=sweep_students(job))
+
+
+def sweep_student_uri(session: Session, caller: Caller, job_id: str, index: int) -> str:
+    """Where student `index` of a sweep is, once the sweep has succeeded."""
+    students = list_students(session, caller, job_id).items
+    if not 0 <= index < len(students):
+        raise StudentNotFound(
+            f"job {job_id} has students 0 to {len(students) - 1}, not {index}", field="student"
+        )
+    job = load_job(session, caller, job_id)
+    for entry in job.sweep_summary or []:
+        if entry["student"] == index:
+            return str(entry["uri"])
+    raise StudentNotReady(f"job {job.id} has no final students yet (status {job.status})")
 
 
 class CheckpointNotFound(AmidError):

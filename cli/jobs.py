@@ -309,12 +309,28 @@ def _metrics(api: Api, args: argparse.Namespace) -> int:
     return 0
 
 
+def _students(api: Api, args: argparse.Namespace) -> int:
+    students = api.request("GET", f"/v1/jobs/{args.job_id}/students")["items"]
+    metric = next((s["metric"] for s in students if s["metric"]), None)
+    print(f"{'rank':>4}  {'student':>7}  {metric or 'score (once succeeded)':>24}  knobs")
+    for student in students:
+        rank = "-" if student["rank"] is None else str(student["rank"])
+        score = "-" if student["score"] is None else f"{student['score']:.4f}"
+        knobs = ", ".join(f"{key}={value}" for key, value in student["knobs"].items())
+        print(f"{rank:>4}  {student['student']:>7}  {score:>24}  {knobs or '(the job settings)'}")
+    return 0
+
+
 def _download(api: Api, args: argparse.Namespace) -> int:
+    if args.checkpoint is not None and args.student is not None:
+        raise ClientError("--checkpoint and --student: choose one")
     target = Path(args.output)
     target.mkdir(parents=True, exist_ok=True)
     source = f"/v1/jobs/{args.job_id}/student"
     if args.checkpoint is not None:
         source = f"/v1/jobs/{args.job_id}/checkpoints/{args.checkpoint}/archive"
+    if args.student is not None:
+        source = f"/v1/jobs/{args.job_id}/students/{args.student}"
     with tempfile.TemporaryDirectory(dir=target) as scratch:
         archive = Path(scratch) / "artifact.tar.gz"
         api.stream_to(source, archive)
@@ -399,6 +415,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     download.add_argument(
         "--checkpoint", type=int, metavar="STEP", help="The checkpoint at this step instead."
     )
+    download.add_argument(
+        "--student", type=int, metavar="K", help="Student K of a sweep instead (from 0)."
+    )
+    students = add("students", _students, "A sweep's students, ranked best first.")
+    students.add_argument("job_id")
     metrics = add("metrics", _metrics, "Print a job's metric series with a sparkline.")
     metrics.add_argument("job_id")
     metrics.add_argument(

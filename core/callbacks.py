@@ -48,12 +48,28 @@ class CheckpointReport:
 
 
 @dataclass(frozen=True)
+class SweepStudent:
+    """One student of a completed sweep, where it ranks among the others."""
+
+    index: int  # its place in the job's `sweep` list
+    knobs: dict[str, Any]  # its sweep entry, as the user wrote it
+    final_path: Path  # its final student directory
+    metrics: dict[str, float]  # its last train and eval metrics
+    score: float | None  # its value of the ranking metric (None: never measured)
+    rank: int  # 1 is the best
+
+
+@dataclass(frozen=True)
 class RunResult:
     status: str  # "completed" or "stopped" (a callback asked to stop)
     steps_done: int
     final_path: Path | None  # the final student directory (None when stopped early)
     final_metrics: dict[str, float]
     best_step: int | None
+    # A completed sweep: every student, best first (final_path is the first one's), ranked by
+    # `rank_metric`.
+    students: tuple[SweepStudent, ...] = ()
+    rank_metric: str | None = None
 
 
 class Callback:

@@ -50,7 +50,7 @@ def checkpoint_dir(output_dir: Path, step: int) -> Path:
     return output_dir / "checkpoints" / f"step-{step}"
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     version, keys, pos = random.getstate()
     np_state: tuple[Any, ...] = tuple(np.random.get_state(legacy=True))
     state: dict[str, Any] = {
@@ -68,7 +68,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     version, keys, pos = state["python"]
     random.setstate((version, tuple(keys), pos))
     name, keys_np, pos_np, has_gauss, cached = state["numpy"]
@@ -125,7 +125,7 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
-            "rng": _rng_state(),
+            "rng": rng_state(),
         },
         tmp / STATE_FILE,
     )
@@ -159,7 +159,7 @@ def load_training_state(
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     scaler.load_state_dict(saved["scaler"])
-    _set_rng_state(saved["rng"])
+    set_rng_state(saved["rng"])
     epoch, index = saved["position"]
     return TrainingState(
         step=int(saved["step"]),

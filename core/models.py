@@ -203,18 +203,21 @@ def load_pair(
     device: torch.device,
     precision: str = "auto",
     trust_remote_code: bool = False,
+    loaded_teacher: PreTrainedModel | None = None,
 ) -> ModelPair:
     """Teacher (frozen, in the compute dtype) and student (fp32 master weights) on `device`.
 
-    Without a teacher source (an SFT run) only the student and its tokenizer are loaded.
+    Without a teacher source (an SFT run) only the student and its tokenizer are loaded;
+    `loaded_teacher` is `teacher_source` already loaded by this function (a sweep's students
+    share one).
     """
     if teacher_source is None:
         tokenizer = load_tokenizer(student_source, trust_remote_code=trust_remote_code)
     else:
         tokenizer = check_tokenizers(teacher_source, student_source, trust_remote_code)
     compute_dtype = resolve_precision(precision, device)
-    teacher = None
-    if teacher_source is not None:
+    teacher = loaded_teacher
+    if teacher_source is not None and teacher is None:
         # The teacher only runs forward, so it is stored in the compute dtype: half the memory
         # of fp32 in bf16. The student keeps fp32 weights for AdamW's small updates; autocast
         # gives its matmuls the compute dtype.

@@ -8,6 +8,7 @@ API validates a job without the training stack. Defaults follow the recipe of th
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
@@ -15,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationError,
     field_validator,
     model_validator,
 )
@@ -58,6 +60,14 @@ MAX_STEPS_BOUND = 10**9
 MIN_TEMPERATURE = 1e-2
 MAX_TEMPERATURE = 100.0
 MAX_NONFINITE_STEPS = 1000
+# Students of one sweep: each holds its weights, gradients and AdamW moments beside the others
+# (about 4× the student's size each), so a few fit where one teacher does; more are separate jobs.
+MIN_SWEEP_STUDENTS = 2
+MAX_SWEEP_STUDENTS = 8
+# What a preset fills in: a sweep entry naming a preset takes all of it from the preset.
+PRESET_FIELDS = ("alpha", "lambda", "divergence", "anchor", "ab_alpha", "ab_beta", "alpha_schedule")
+# "field: reason", as the model-level checks word their errors.
+_LEADING_FIELD = re.compile(r"^([A-Za-z_][\w.]*): (.*)$", re.DOTALL)
 Alpha = Annotated[float, Field(ge=-MAX_ABS_ALPHA, le=MAX_ABS_ALPHA)]
 
 
@@ -156,6 +166,24 @@ class GenerationSettings(_Strict):
     num_samples_kept: NonNegativeInt = Field(
         4, description="Sample generations kept with the eval metrics."
     )
+
+
+class SweepEntry(_Strict):
+    """One student of a sweep: the loss knobs it trains with, over the job's own settings."""
+
+    preset: str | None = Field(None, description="A named loss setting, as the job's `preset`.")
+    alpha: Alpha | None = Field(None, description="α of this student.")
+    lam: float | None = Field(
+        None, alias="lambda", ge=0.0, le=1.0, description="λ of this student, in [0, 1]."
+    )
+    divergence: Divergence | None = Field(None, description="Divergence of this student.")
+    learning_rate: float | None = Field(
+        None, gt=0, le=MAX_LEARNING_RATE, description="Peak AdamW learning rate of this student."
+    )
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields this entry sets, as a user writes them (`lambda`, not `lam`)."""
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class DistillSettings(_Strict):
@@ -359,6 +387,20 @@ class DistillSettings(_Strict):
         description="Also evaluate the student before the first step (a baseline for eval/rouge_l).",
     )
 
+    # -- a sweep: several students, one teacher --------------------------------------------------
+    sweep: list[SweepEntry] | None = Field(
+        None,
+        min_length=MIN_SWEEP_STUDENTS,
+        max_length=MAX_SWEEP_STUDENTS,
+        description=(
+            f"Train {MIN_SWEEP_STUDENTS} to {MAX_SWEEP_STUDENTS} students from the same starting "
+            "weights in lockstep on the same batches, each with its own loss knobs (alpha, "
+            "lambda, divergence, preset, learning_rate over the job's own); the teacher runs "
+            "once per batch for all of them. The students are ranked by select_best's metric "
+            "(eval/rouge_l when unset)."
+        ),
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset_and_shorthands(cls, data: Any) -> Any:
@@ -418,6 +460,53 @@ class DistillSettings(_Strict):
             if not name or "/" in name:
                 raise ValueError(f"eval_datasets: name {name!r} must be non-empty, without '/'")
         return self
+
+    @model_validator(mode="after")
+    def _sweep_is_shareable(self) -> Self:
+        if self.sweep is None:
+            return self
+        # Each refusal names what the lockstep loop cannot share between the students.
+        if self.kind == "sft":
+            raise ValueError("sweep: shares a teacher's forward; kind sft has no teacher")
+        if self.student_outputs is not None:
+            raise ValueError(
+                "student_outputs: each student would sample its own responses, so the students "
+                "of a sweep would not share batches"
+            )
+        for name, schedule in (
+            ("alpha_schedule", self.alpha_schedule),
+            ("lambda_schedule", self.lambda_schedule),
+        ):
+            if schedule is not None:
+                raise ValueError(f"{name}: a sweep's entries choose α and λ; drop the schedule")
+        for index in range(len(self.sweep)):
+            student = self.student_settings(index)
+            if student.alpha_schedule is not None:
+                raise ValueError(
+                    f"sweep.{index}.preset: {student.preset} moves α with a schedule of its own; "
+                    "a sweep's students keep a fixed α"
+                )
+        return self
+
+    def student_settings(self, index: int) -> DistillSettings:
+        """The settings of the sweep's student `index`: the job's, with its entry's knobs."""
+        assert self.sweep is not None, "only a sweep has students"
+        entry = self.sweep[index].overrides()
+        # Only the run's own fields: a request body (a subclass) also holds the job's name, tags...
+        own = set(DistillSettings.model_fields) - {"sweep"}
+        base = self.model_dump(mode="json", by_alias=True, include=own)
+        if "preset" in entry:
+            # The entry's preset decides every knob it covers, not the job's explicit values.
+            base = {key: value for key, value in base.items() if key not in PRESET_FIELDS}
+        try:
+            return DistillSettings.model_validate({**base, **entry})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            if not where and (leading := _LEADING_FIELD.match(message)):
+                where, message = leading.groups()
+            raise ValueError(f"sweep.{index}{'.' + where if where else ''}: {message}") from exc
 
     @property
     def best_is_lowest(self) -> bool:

@@ -20,7 +20,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from core.models import load_pair
 from core.phases import Phase, lr_factor, phase_at, plan_phases
 from core.schedules import ADAPTIVE, schedule_value
 from core.settings import DistillSettings
+from core.shared_teacher import SharedTeacher
 from core.student_outputs import StudentOutputs
 
 
@@ -121,8 +122,10 @@ class _Run:
         output_dir: Path,
         callbacks: Sequence[Callback],
         resume_from: Path | None,
+        shared: SharedTeacher | None = None,
     ):
         self.settings = settings
+        self.shared = shared
         self.output_dir = output_dir
         self.callbacks = list(callbacks)
         self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -137,7 +140,10 @@ class _Run:
             device=self.device,
             precision=settings.precision,
             trust_remote_code=settings.trust_remote_code,
+            loaded_teacher=shared.model if shared is not None else None,
         )
+        if shared is not None:
+            shared.model = pair.teacher
         self.teacher, self.student, self.tokenizer = pair.teacher, pair.student, pair.tokenizer
         self.vocab_width = pair.vocab.width
         self.compute_dtype = pair.compute_dtype
@@ -433,10 +439,17 @@ class _Run:
             return self._fused_loss(
                 self.fused, input_ids, attention, targets=targets, mask=mask, alpha=alpha, lam=lam
             )
-        # The teacher never needs a graph: inference mode skips autograd bookkeeping entirely.
-        with torch.inference_mode():
-            teacher_logits = self.teacher(input_ids=input_ids, attention_mask=attention).logits
-            teacher_logits = teacher_logits[:, :-1, : self.vocab_width]
+        teacher = self.teacher
+
+        def teacher_logits_of_batch() -> torch.Tensor:
+            # The teacher never needs a graph: inference mode skips autograd bookkeeping entirely.
+            with torch.inference_mode():
+                logits = teacher(input_ids=input_ids, attention_mask=attention).logits
+                return logits[:, :-1, : self.vocab_width]
+
+        teacher_logits = self._teacher_output(
+            input_ids, attention, teacher_logits_of_batch, shared=fused
+        )
         with self._autocast():
             student_logits = self.student(input_ids=input_ids, attention_mask=attention).logits
         # Columns past the shared vocabulary (padding of a wider teacher) are cut, not compared.
@@ -456,6 +469,20 @@ class _Run:
             loss = loss + self.settings.ce_weight * ce
         return loss, int(mask.sum())
 
+    def _teacher_output(
+        self,
+        input_ids: torch.Tensor,
+        attention: torch.Tensor,
+        compute: Callable[[], torch.Tensor],
+        *,
+        shared: bool,
+    ) -> torch.Tensor:
+        """The teacher's output on a training batch: computed once for all of a sweep's students.
+        Evaluation (`shared` false) runs each student over the eval set on its own."""
+        if self.shared is None or not shared:
+            return compute()
+        return self.shared.output(input_ids, attention, compute)
+
     def _fused_loss(
         self,
         models: tuple[SplitModel, SplitModel],
@@ -470,8 +497,14 @@ class _Run:
         """The same loss from hidden states: the heads run inside `fused_amid_loss`, at the
         response positions only, so neither model's [B, T, V] logits ever exist."""
         teacher, student = models
-        with torch.inference_mode():
-            teacher_hidden = teacher.hidden_states(input_ids, attention)[:, :-1]
+
+        def teacher_hidden_of_batch() -> torch.Tensor:
+            with torch.inference_mode():
+                return teacher.hidden_states(input_ids, attention)[:, :-1]
+
+        teacher_hidden = self._teacher_output(
+            input_ids, attention, teacher_hidden_of_batch, shared=True
+        )
         with self._autocast():
             student_hidden = student.hidden_states(input_ids, attention)[:, :-1]
         loss = fused_amid_loss(
@@ -494,46 +527,62 @@ class _Run:
     # == train ===================================================================================
 
     def train(self) -> RunResult:
-        s = self.settings
-        if s.eval_at_start and self.state.step == 0:
-            self._evaluate(0)
-        started = time.monotonic()
-        first_step = self.state.step
-        while self.state.step < self.total_steps:
+        self.begin()
+        while not self.done:
             if self._stop_requested():
                 return self.stopped()
-            phase = phase_at(self.phases, self.state.step)
-            if self.state.step == phase.first_step:
-                self._start_phase(phase)
-            step_started = time.monotonic()
-            metrics = self._train_step(self.state.step, phase)
-            self.state.step += 1
-            self.state.position = self.stream.position
-            now = time.monotonic()
-            metrics[f"{phase.metric_prefix}/tokens_per_s"] = metrics.pop("_tokens") / max(
-                now - step_started, 1e-9
-            )
-            self.last_train = metrics
-            self.metrics_log.write(self.state.step, metrics)
-            done = self.state.step - first_step
-            remaining = self.total_steps - self.state.step
-            report = StepReport(
-                step=self.state.step,
-                total_steps=self.total_steps,
-                metrics=metrics,
-                elapsed_seconds=now - started,
-                eta_seconds=(now - started) / done * remaining,
-            )
-            for callback in self.callbacks:
-                callback.on_step(report)
+            self.advance()
+        return self.complete()
 
-            # The end of every phase is evaluated and saved: the SFT student is a result too.
-            at_end = self.state.step == phase.end_step
-            if at_end or (s.eval_interval and self.state.step % s.eval_interval == 0):
-                self._evaluate(self.state.step)
-            if at_end or (s.checkpoint_interval and self.state.step % s.checkpoint_interval == 0):
-                self._save_checkpoint(self.state.step)
+    def begin(self) -> None:
+        """Before the first step of this attempt: the baseline evaluation, the clock."""
+        if self.settings.eval_at_start and self.state.step == 0:
+            self._evaluate(0)
+        self.started = time.monotonic()
+        self.first_step = self.state.step
 
+    @property
+    def done(self) -> bool:
+        return self.state.step >= self.total_steps
+
+    def advance(self) -> None:
+        """One optimizer step, then the evaluation and checkpoint that fall on it."""
+        s = self.settings
+        phase = phase_at(self.phases, self.state.step)
+        if self.state.step == phase.first_step:
+            self._start_phase(phase)
+        step_started = time.monotonic()
+        metrics = self._train_step(self.state.step, phase)
+        self.state.step += 1
+        self.state.position = self.stream.position
+        now = time.monotonic()
+        metrics[f"{phase.metric_prefix}/tokens_per_s"] = metrics.pop("_tokens") / max(
+            now - step_started, 1e-9
+        )
+        self.last_train = metrics
+        self.metrics_log.write(self.state.step, metrics)
+        done = self.state.step - self.first_step
+        remaining = self.total_steps - self.state.step
+        report = StepReport(
+            step=self.state.step,
+            total_steps=self.total_steps,
+            metrics=metrics,
+            elapsed_seconds=now - self.started,
+            eta_seconds=(now - self.started) / done * remaining,
+        )
+        for callback in self.callbacks:
+            callback.on_step(report)
+
+        # The end of every phase is evaluated and saved: the SFT student is a result too.
+        at_end = self.state.step == phase.end_step
+        if at_end or (s.eval_interval and self.state.step % s.eval_interval == 0):
+            self._evaluate(self.state.step)
+        if at_end or (s.checkpoint_interval and self.state.step % s.checkpoint_interval == 0):
+            self._save_checkpoint(self.state.step)
+
+    def complete(self) -> RunResult:
+        """After the last step: the final evaluation and the final student."""
+        s = self.settings
         if self.last_eval is None or self.last_eval[0] != self.state.step:
             # Resumed from the last step's checkpoint: finish what that run did not.
             self._evaluate(self.state.step)
@@ -813,7 +862,19 @@ def distill(
     callbacks: Sequence[Callback] = (),
     resume_from: str | Path | None = None,
 ) -> RunResult:
-    """Distil `settings.teacher` into `settings.student`; write checkpoints under `output_dir`."""
+    """Distil `settings.teacher` into `settings.student`; write checkpoints under `output_dir`.
+
+    A sweep (`settings.sweep`) trains its students together (`core.sweep`)."""
+    if settings.sweep is not None:
+        # Imported here: core.sweep builds on this module's run.
+        from core.sweep import distill_sweep
+
+        return distill_sweep(
+            settings,
+            Path(output_dir),
+            callbacks,
+            Path(resume_from) if resume_from is not None else None,
+        )
     run = _Run(
         settings,
         Path(output_dir),

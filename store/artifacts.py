@@ -4,6 +4,7 @@
 
     jobs/<id>/checkpoints/step-<n>/   a checkpoint directory
     jobs/<id>/final/                  the final student
+    jobs/<id>/students/<k>/           student k of a sweep (the job's final student: the best one)
     jobs/<id>/metrics.jsonl           every metric point of the run
     jobs/<id>/tensorboard/            the same points as TensorBoard event files
 
@@ -64,6 +65,10 @@ def checkpoint_key(job_id: str, step: int) -> str:
 
 def final_key(job_id: str) -> str:
     return f"jobs/{job_id}/final"
+
+
+def sweep_student_key(job_id: str, index: int) -> str:
+    return f"jobs/{job_id}/students/{index}"
 
 
 def metrics_key(job_id: str) -> str:

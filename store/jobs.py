@@ -511,6 +511,7 @@ def finish_job(
     error_code: str | None = None,
     error_message: str | None = None,
     final_uri: str | None = None,
+    sweep_summary: list[dict[str, Any]] | None = None,
 ) -> Job | None:
     """End a running job as succeeded, failed or cancelled; None if the worker lost the lease."""
     target = JobStatus(status)
@@ -526,6 +527,7 @@ def finish_job(
             error_code=error_code,
             error_message=error_message,
             final_uri=final_uri,
+            sweep_summary=json_safe(sweep_summary),
             finished_at=now,
             updated_at=now,
         )

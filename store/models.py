@@ -106,6 +106,8 @@ class Job(Base):
     tags: Mapped[list[str]] = mapped_column(JSONType, default=list, server_default=sa.text("'[]'"))
     # Orders the jobs of one owner only (higher first): never a way past other owners' turns.
     priority: Mapped[int] = mapped_column(default=0, server_default=sa.text("0"))
+    # A sweep that succeeded: its students, best first (index, knobs, score, rank, final URI).
+    sweep_summary: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
     enqueued_at: Mapped[datetime | None]
     # When a wake-up message counted against this job was last used up without starting it (a
     # message is any job's wake-up: see store.scheduling). A message sent after that

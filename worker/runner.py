@@ -14,7 +14,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from core.callbacks import Callback
+from core.callbacks import Callback, RunResult
+from core.card import StudentCard
 from core.datafiles import within_roots
 from core.errors import AmidError
 from core.settings import DistillSettings
@@ -25,6 +26,7 @@ from store.artifacts import (
     ArtifactStore,
     final_key,
     get_artifact_store,
+    sweep_student_key,
 )
 from store.config import ServiceConfig, get_config
 from store.states import JobStatus
@@ -184,7 +186,6 @@ def run_job(job_id: str, worker_id: str) -> str:
 
 def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> str:
     # Heavy imports here: the worker's parent process never loads torch or touches CUDA.
-    from core.card import StudentCard
     from core.data import check_dataset
     from core.models import check_tokenizers
     from core.train import distill
@@ -241,10 +242,45 @@ def _run(job_id: str, worker_id: str, work_dir: Path, reporter: DbReporter) -> s
             what="record cancel",
         )
         return JobStatus.CANCELLED.value
-    card.write(result.final_path, step=result.steps_done, metrics=result.final_metrics)
-    final = artifacts.upload_dir(result.final_path, final_key(job_id))
+    summary = None
+    if result.students:
+        summary = _upload_sweep(job_id, result, card, artifacts)
+        final_uri = summary[0]["uri"]  # the best student is the job's final student
+    else:
+        card.write(result.final_path, step=result.steps_done, metrics=result.final_metrics)
+        final_uri = artifacts.upload_dir(result.final_path, final_key(job_id)).uri
     with_session(
-        lambda s: jobs.finish_job(s, job_id, worker_id, JobStatus.SUCCEEDED, final_uri=final.uri),
+        lambda s: jobs.finish_job(
+            s,
+            job_id,
+            worker_id,
+            JobStatus.SUCCEEDED,
+            final_uri=final_uri,
+            sweep_summary=summary,
+        ),
         what="record success",
     )
     return JobStatus.SUCCEEDED.value
+
+
+def _upload_sweep(
+    job_id: str, result: RunResult, card: StudentCard, artifacts: ArtifactStore
+) -> list[dict[str, Any]]:
+    """Upload every student of a sweep; return the job's sweep summary, best first."""
+    summary = []
+    for student in result.students:
+        card.write(student.final_path, step=result.steps_done, metrics=student.metrics)
+        uploaded = artifacts.upload_dir(
+            student.final_path, sweep_student_key(job_id, student.index)
+        )
+        summary.append(
+            {
+                "student": student.index,
+                "rank": student.rank,
+                "metric": result.rank_metric,
+                "score": student.score,
+                "knobs": student.knobs,
+                "uri": uploaded.uri,
+            }
+        )
+    return summary

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response, status
+from fastapi import APIRouter, Body, Header, Path, Query, Response, status
 from fastapi.responses import StreamingResponse
 from pydantic import ValidatorFunctionWrapHandler, WrapValidator
 
@@ -19,6 +19,7 @@ from api.schemas import (
     JobPage,
     JobSubmission,
     MetricSeries,
+    StudentList,
 )
 from store.jobs import JobFilters
 from store.states import JobStatus
@@ -212,3 +213,35 @@ def download_student(session: SessionDep, caller: CallerDep, job_id: JobId) -> S
     # End the transaction before a stream that may last minutes (on SQLite it holds the lock).
     session.close()
     return stream_artifact(uri, f"student-{job_id}")
+
+
+@router.get(
+    "/{job_id}/students",
+    response_model=StudentList,
+    responses={404: {"model": ErrorOut, "description": "No such job, or not a sweep."}},
+    summary="A sweep's students, ranked best first once it has succeeded",
+)
+async def list_students(reader: ReaderDep, job_id: JobId) -> StudentList:
+    return await reader.read(lambda session, caller: service.list_students(session, caller, job_id))
+
+
+@router.get(
+    "/{job_id}/students/{student}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/gzip": {}}, "description": "tar.gz of the student."},
+        404: {"model": ErrorOut, "description": "No such job, not a sweep, or no such student."},
+        409: {"model": ErrorOut, "description": "The sweep has not succeeded (yet)."},
+    },
+    summary="Download one student of a sweep as a tar.gz",
+)
+def download_sweep_student(
+    session: SessionDep,
+    caller: CallerDep,
+    job_id: JobId,
+    student: Annotated[int, Path(ge=0, le=1000, description="Its place in the sweep, from 0.")],
+) -> StreamingResponse:
+    uri = service.sweep_student_uri(session, caller, job_id, student)
+    # End the transaction before a stream that may last minutes (on SQLite it holds the lock).
+    session.close()
+    return stream_artifact(uri, f"student-{job_id}-{student}")

@@ -189,6 +189,59 @@ LOSS = [
     ),
 ]
 
+TWO = [{"alpha": -5.0}, {"alpha": 1.0}]
+SWEEP = [
+    _schema(
+        "sweep entry sets a key that is not a loss knob",
+        "sweep",
+        "sweep.1.batch_size",
+        {"sweep": [{"alpha": 0.5}, {"batch_size": 2}]},
+    ),
+    _schema("empty sweep", "sweep", "sweep", {"sweep": []}, mentions=("sweep", "at least 2")),
+    _schema("sweep of one student", "sweep", "sweep", {"sweep": [{"alpha": 0.5}]}),
+    _schema(
+        "sweep of nine students",
+        "sweep",
+        "sweep",
+        {"sweep": [{"alpha": float(a)} for a in range(9)]},
+        mentions=("sweep", "at most 8"),
+    ),
+    _schema("sweep that is not a list", "sweep", "sweep", {"sweep": {"alpha": 0.5}}),
+    _schema(
+        "sweep entry with an unknown preset",
+        "sweep",
+        "sweep.1.preset",
+        {"sweep": [{}, {"preset": "x"}]},
+    ),
+    _schema(
+        "sweep entry with lambda 1: loss identically zero",
+        "sweep",
+        "sweep.0.lambda",
+        {"sweep": [{"lambda": 1.0}, {}]},
+        mentions=("sweep.0.lambda", "identically zero"),
+    ),
+    _schema(
+        "sweep entry with a preset that schedules alpha",
+        "sweep",
+        "sweep.0.preset",
+        {"sweep": [{"preset": "amid-auto"}, {}]},
+    ),
+    _schema(
+        "sweep with student-generated outputs",
+        "sweep",
+        "student_outputs",
+        {"sweep": TWO, "student_outputs": {"fraction": 0.5}},
+        mentions=("student_outputs", "share batches"),
+    ),
+    _schema("sweep of an sft job", "sweep", "sweep", {"sweep": TWO, "kind": "sft"}),
+    _schema(
+        "sweep with an alpha schedule",
+        "sweep",
+        "alpha_schedule",
+        {"sweep": TWO, "alpha_schedule": {"kind": "linear", "start": 1.0, "end": -1.0}},
+    ),
+]
+
 SIZES = [
     _schema("max_steps 0", "sizes", "max_steps", {"max_steps": 0}),
     _schema("max_steps negative", "sizes", "max_steps", {"max_steps": -1}),
@@ -786,6 +839,7 @@ LISTING = [
 CASES: list[Case] = [
     *NAN_AND_INFINITY,
     *LOSS,
+    *SWEEP,
     *SIZES,
     *NUMERIC_BOUNDS,
     *SHAPE,
