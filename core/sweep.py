@@ -26,7 +26,6 @@ from core.callbacks import (
     Callback,
     CheckpointReport,
     EvalReport,
-    RunInfo,
     RunResult,
     StepReport,
     SweepStudent,
@@ -118,17 +117,10 @@ class _Sweep:
                 )
             )
             self.rng.append(rng_state())
-        lead = self.members[0]
+        # The students share their data and length: the first one speaks for all.
+        info = self.members[0].info()
         for callback in self.callbacks:
-            callback.on_start(
-                RunInfo(
-                    total_steps=lead.total_steps,
-                    start_step=lead.state.step,
-                    train_examples=len(lead.train_examples),
-                    eval_examples=len(lead.eval_examples),
-                    device=str(lead.device),
-                )
-            )
+            callback.on_start(info)
 
     def _each(self, act: Callable[[_Run], object]) -> None:
         """`act` on every student in turn, each under its own RNG streams."""

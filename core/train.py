@@ -277,15 +277,17 @@ class _Run:
         self.last_train: dict[str, float] = {}
 
         for callback in self.callbacks:
-            callback.on_start(
-                RunInfo(
-                    total_steps=self.total_steps,
-                    start_step=self.state.step,
-                    train_examples=len(data.train),
-                    eval_examples=len(data.eval),
-                    device=str(self.device),
-                )
-            )
+            callback.on_start(self.info())
+
+    def info(self) -> RunInfo:
+        """What the run's start reports: its length, where it starts, its data, its device."""
+        return RunInfo(
+            total_steps=self.total_steps,
+            start_step=self.state.step,
+            train_examples=len(self.train_examples),
+            eval_examples=len(self.eval_examples),
+            device=str(self.device),
+        )
 
     def _eval_set(self, dataset: Any) -> list[TokenizedExample]:
         """Every row of an extra evaluation set, tokenized like the training data."""
