@@ -8,6 +8,7 @@ import re
 from sqlalchemy.orm import Session
 
 from api.deps import Caller, Enqueue
+from api.queue_snapshot import queue_views
 from api.schemas import (
     CheckpointList,
     EventPage,
@@ -15,7 +16,6 @@ from api.schemas import (
     JobPage,
     JobSubmission,
     MetricSeries,
-    QueueView,
     StudentList,
     checkpoint_out,
     event_out,
@@ -29,9 +29,6 @@ from store import jobs
 from store.config import get_config
 from store.keys import lock_key
 from store.models import Job
-from store.scheduling import queue_places
-from store.start_estimate import pool_pace, start_eta
-from store.states import JobStatus
 
 logger = logging.getLogger(__name__)
 
@@ -155,16 +152,8 @@ def get_job(session: Session, caller: Caller, job_id: str) -> JobOut:
 
 def _shown(session: Session, rows: list[Job]) -> list[JobOut]:
     """The jobs as the API shows them: a queued one with its place in the queue and its
-    estimated start (one query for the places of all, one for the pool's pace)."""
-    queued = [job.id for job in rows if job.status == JobStatus.QUEUED.value]
-    views: dict[str, QueueView] = {}
-    if queued:
-        places = queue_places(session, queued)
-        pace = pool_pace(session, stale_after_seconds=get_config().stale_after_seconds)
-        views = {
-            job_id: QueueView(place.position, start_eta(pace, place.position))
-            for job_id, place in places.items()
-        }
+    estimated start."""
+    views = queue_views(session, rows)
     return [job_out(job, views.get(job.id)) for job in rows]
 
 
