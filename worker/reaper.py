@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import logging
 import threading
+from pathlib import Path
 
 from store import jobs
 from store.config import get_config
 from store.queue import enqueue, queue_is_empty
+from worker import liveness
 from worker.db_retry import with_session
 
 logger = logging.getLogger(__name__)
@@ -57,9 +59,14 @@ def _mark_enqueued(job_id: str) -> None:
     with_session(lambda s: jobs.mark_enqueued(s, job_id), what="mark enqueued")
 
 
-def run_forever(stop: threading.Event, interval: float | None = None) -> None:
+def run_forever(
+    stop: threading.Event, interval: float | None = None, liveness_file: Path | None = None
+) -> None:
+    """Passes every `interval` until `stop`; each turn of the loop touches `liveness_file`."""
     interval = interval or get_config().reaper_interval_seconds
     while not stop.is_set():
+        if liveness_file is not None:
+            liveness.touch(liveness_file)
         try:
             sweep()
         except Exception:
