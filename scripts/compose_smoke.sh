@@ -9,8 +9,8 @@
 # torn down at the end, also on failure; a docker daemon it had to start is stopped again.
 #
 # Run as root (it may start dockerd and debootstrap a rootfs). Not part of `make test`.
-# Knobs: SMOKE_API_PORT, SMOKE_POSTGRES_PORT, SMOKE_REDIS_PORT (defaults 58000, 55432, 56379:
-# every service binds the host's ports), SMOKE_CACHE (where the Debian rootfs is made),
+# Knobs: SMOKE_API_PORT, SMOKE_POSTGRES_PORT, SMOKE_REDIS_PORT, SMOKE_WHEEL_PORT (defaults 58000,
+# 55432, 56379, 58001: every service binds the host's ports), SMOKE_CACHE (where the Debian rootfs is made),
 # SMOKE_JOB_TIMEOUT (seconds the job may take, default 1800), TORCH_VERSION.
 set -euo pipefail
 
@@ -20,6 +20,7 @@ cd "$ROOT"
 export SMOKE_API_PORT=${SMOKE_API_PORT:-58000}
 export SMOKE_POSTGRES_PORT=${SMOKE_POSTGRES_PORT:-55432}
 export SMOKE_REDIS_PORT=${SMOKE_REDIS_PORT:-56379}
+SMOKE_WHEEL_PORT=${SMOKE_WHEEL_PORT:-58001}
 CACHE=${SMOKE_CACHE:-/var/cache/amid-smoke}
 JOB_TIMEOUT=${SMOKE_JOB_TIMEOUT:-1800}
 TORCH_VERSION=${TORCH_VERSION:-2.13.0}
@@ -99,7 +100,7 @@ have_image() { docker image inspect "$1" >/dev/null 2>&1; }
 
 # docker build with the host's network (there is no bridge); its output only when it fails.
 build_image() {
-    docker build --network host "$@" >"$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log" >&2; return 1; }
+    docker build --network host --force-rm "$@" >"$WORK/build.log" 2>&1 || { tail -n 40 "$WORK/build.log" >&2; return 1; }
 }
 
 build_standins() {
@@ -138,37 +139,37 @@ EOF
 
 # The worker image installs torch with TORCH_PIP_ARGS: here the CPU wheel, from a directory of
 # wheels this machine's pip already uses (served to the build over the host's loopback), or
-# else from the CPU index.
-torch_pip_args() {
+# else from the CPU index. Sets TORCH_ARGS.
+serve_torch_wheel() {
     local dir wheel
+    TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
     for dir in ${SMOKE_WHEELS:-} $(pip config list 2>/dev/null | sed -n "s/.*find-links='\(.*\)'/\1/p"); do
         wheel=$(find "$dir" -maxdepth 1 -name "torch-$TORCH_VERSION+cpu-cp311-*.whl" 2>/dev/null | head -n 1)
         if [ -n "$wheel" ]; then
             mkdir -p "$WORK/wheels"
             ln -s "$wheel" "$WORK/wheels/"
-            local port
-            port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-            python3 -m http.server --bind 127.0.0.1 --directory "$WORK/wheels" "$port" >/dev/null 2>&1 &
+            # A fixed port: the argument is part of the build cache's key.
+            python3 -m http.server --bind 127.0.0.1 --directory "$WORK/wheels" "$SMOKE_WHEEL_PORT" \
+                >/dev/null 2>&1 &
             WHEEL_SERVER=$!
-            echo "--find-links http://127.0.0.1:$port/"
+            TORCH_ARGS="--find-links http://127.0.0.1:$SMOKE_WHEEL_PORT/"
             return
         fi
     done
-    echo "--index-url https://download.pytorch.org/whl/cpu"
 }
 
 build_project_images() {
     log "building amid-api"
     build_image -t amid-api -f docker/api.Dockerfile .
-    local args
-    args=$(torch_pip_args)
-    log "building amid-worker (torch $TORCH_VERSION+cpu: $args)"
+    serve_torch_wheel
+    log "building amid-worker (torch $TORCH_VERSION+cpu: $TORCH_ARGS)"
     build_image -t amid-worker -f docker/worker.Dockerfile \
-        --build-arg "TORCH_VERSION=$TORCH_VERSION+cpu" --build-arg "TORCH_PIP_ARGS=$args" .
+        --build-arg "TORCH_VERSION=$TORCH_VERSION+cpu" --build-arg "TORCH_PIP_ARGS=$TORCH_ARGS" .
 }
 
-# The two files merged, less the GPU reservations (this machine has no NVIDIA runtime, and an
-# override file can only add to a list that compose merges).
+# The two files merged, less what an override file cannot take away (compose merges the lists
+# of the two): the GPU reservations (this machine has no NVIDIA runtime) and the published ports
+# (a service on the host's network binds its ports itself).
 render_compose() {
     "${COMPOSE[@]}" -p "$PROJECT" -f docker-compose.yml -f docker/compose.smoke.yml config \
         | python3 -c '
@@ -176,6 +177,7 @@ import sys, yaml
 config = yaml.safe_load(sys.stdin)
 for service in config["services"].values():
     service.get("deploy", {}).get("resources", {}).pop("reservations", None)
+    service.pop("ports", None)
 yaml.safe_dump(config, sys.stdout, sort_keys=False)
 ' >"$WORK/compose.yml"
 }
@@ -231,6 +233,17 @@ EOF
     log "the student: a tar.gz of $(wc -l <"$WORK/student.list") entries, $(du -h "$WORK/student.tar.gz" | cut -f1)"
 }
 
+# The health checks of the compose file (the API's /readyz, `amid worker --check`,
+# `amid reaper --check`) pass in every container of those services.
+check_health() {
+    local container status
+    for container in $(compose ps -q api reaper worker); do
+        status=$(docker inspect -f '{{.Name}} {{.State.Health.Status}}' "$container")
+        log "health: $status"
+        [ "${status##* }" = healthy ] || return 1
+    done
+}
+
 ensure_dockerd
 build_standins
 build_project_images
@@ -244,3 +257,4 @@ for _ in $(seq 60); do
 done
 curl -fsS "$API/readyz" >/dev/null
 run_demo_job
+check_health
