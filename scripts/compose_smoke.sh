@@ -5,12 +5,15 @@
 # packages, tagged with those exact names), builds the project's images, brings up Postgres,
 # Redis, migrate, the API, the reaper and two CPU workers (docker-compose.yml with
 # docker/compose.smoke.yml on top), creates an API key, submits the demo job over REST, waits for
-# it to succeed, downloads the student and checks it is a real archive. Everything it started is
-# torn down at the end, also on failure; a docker daemon it had to start is stopped again.
+# it to succeed, downloads the student, checks it is a real archive and that every API, reaper
+# and worker container passes its health check. Everything it started is torn down at the end,
+# also on failure; a docker daemon it had to start is stopped again.
 #
-# Run as root (it may start dockerd and debootstrap a rootfs). Not part of `make test`.
+# Run as root: it installs what is missing from Debian (docker.io, docker-compose, debootstrap),
+# may start dockerd and debootstraps a rootfs. Not part of `make test`.
 # Knobs: SMOKE_API_PORT, SMOKE_POSTGRES_PORT, SMOKE_REDIS_PORT, SMOKE_WHEEL_PORT (defaults 58000,
-# 55432, 56379, 58001: every service binds the host's ports), SMOKE_CACHE (where the Debian rootfs is made),
+# 55432, 56379, 58001: every service binds the host's ports), SMOKE_CACHE (where the Debian
+# rootfs is made), SMOKE_WHEELS (more directories to look for the CPU torch wheel in),
 # SMOKE_JOB_TIMEOUT (seconds the job may take, default 1800), TORCH_VERSION.
 set -euo pipefail
 
@@ -43,11 +46,27 @@ START=$(date +%s)
 
 log() { printf '== [%4ss] %s\n' "$(($(date +%s) - START))" "$*"; }
 
-if docker compose version >/dev/null 2>&1; then
-    COMPOSE=(docker compose)
-else
-    COMPOSE=(docker-compose)
-fi
+# Debian's packages for what the script drives, installed only when missing.
+ensure_tools() {
+    local missing=()
+    command -v dockerd >/dev/null || missing+=(docker.io)
+    docker compose version >/dev/null 2>&1 || command -v docker-compose >/dev/null \
+        || missing+=(docker-compose)
+    command -v debootstrap >/dev/null || missing+=(debootstrap)
+    command -v curl >/dev/null || missing+=(curl)
+    python3 -c 'import yaml' 2>/dev/null || missing+=(python3-yaml)
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "installing ${missing[*]} from Debian"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+    if docker compose version >/dev/null 2>&1; then
+        COMPOSE=(docker compose)
+    else
+        COMPOSE=(docker-compose)
+    fi
+}
+
 # The stack runs from a rendered copy of the two files: see render_compose.
 compose() { "${COMPOSE[@]}" -p "$PROJECT" -f "$WORK/compose.yml" "$@"; }
 
@@ -107,7 +126,6 @@ build_standins() {
     if ! have_image "$BASE_IMAGE"; then
         if ! have_image "$BASE_IMAGE-rootfs"; then
             log "debootstrapping a minimal Debian bookworm rootfs into $CACHE (once)"
-            command -v debootstrap >/dev/null || apt-get install -y -qq debootstrap >/dev/null
             rm -rf "$CACHE/rootfs"
             mkdir -p "$CACHE"
             debootstrap --variant=minbase bookworm "$CACHE/rootfs" >"$WORK/debootstrap.log" 2>&1 \
@@ -153,7 +171,14 @@ serve_torch_wheel() {
                 >/dev/null 2>&1 &
             WHEEL_SERVER=$!
             TORCH_ARGS="--find-links http://127.0.0.1:$SMOKE_WHEEL_PORT/"
-            return
+            # Listing the wheel, or the port belongs to something else.
+            for _ in $(seq 20); do
+                curl -fsS "http://127.0.0.1:$SMOKE_WHEEL_PORT/" 2>/dev/null | grep -qF "${wheel##*/}" && return
+                kill -0 "$WHEEL_SERVER" 2>/dev/null || break
+                sleep 0.5
+            done
+            echo "could not serve $wheel on port $SMOKE_WHEEL_PORT (SMOKE_WHEEL_PORT)" >&2
+            return 1
         fi
     done
 }
@@ -244,6 +269,7 @@ check_health() {
     done
 }
 
+ensure_tools
 ensure_dockerd
 build_standins
 build_project_images
