@@ -2,7 +2,9 @@
 FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 
 ARG TORCH_VERSION=2.13.0
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu124
+# Where pip finds that torch: the CUDA 12.4 builds by default. A machine without that index
+# passes e.g. "--find-links <url of a wheel directory>" (with TORCH_VERSION=2.13.0+cpu for a CPU build).
+ARG TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cu124"
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     DEBIAN_FRONTEND=noninteractive HF_HOME=/data/hf
 RUN apt-get update \
@@ -12,7 +14,7 @@ RUN apt-get update \
 ENV PATH=/opt/amid/bin:$PATH
 WORKDIR /app
 # torch first and on its own: the CUDA wheel is the big layer, reused across code changes.
-RUN pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"
+RUN pip install $TORCH_PIP_ARGS "torch==${TORCH_VERSION}"
 COPY pyproject.toml constraints.txt README.md ./
 COPY core ./core
 COPY store ./store
@@ -23,5 +25,5 @@ COPY migrations ./migrations
 RUN pip install -c constraints.txt ".[worker,s3]" \
     && useradd --create-home amid && mkdir -p /data && chown amid /data
 USER amid
-# One worker per GPU: compose passes --gpu N (and reserves that GPU for the container).
-CMD ["amid", "worker", "--gpu", "0"]
+# One worker per GPU: each takes the lowest GPU index no other worker sharing /data holds.
+CMD ["amid", "worker", "--gpu", "auto"]

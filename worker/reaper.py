@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy.orm import Session
 
 from store import jobs
 from store.config import get_config
 from store.queue import enqueue, queue_is_empty
+from worker import liveness
 from worker.db_retry import with_session
 from worker.webhooks import deliver_due
 
@@ -72,9 +74,14 @@ def _record(change: Callable[[Session, str], None], job_id: str, what: str) -> N
     with_session(lambda s: change(s, job_id), what=what)
 
 
-def run_forever(stop: threading.Event, interval: float | None = None) -> None:
+def run_forever(
+    stop: threading.Event, interval: float | None = None, liveness_file: Path | None = None
+) -> None:
+    """Passes every `interval` until `stop`; each turn of the loop touches `liveness_file`."""
     interval = interval or get_config().reaper_interval_seconds
     while not stop.is_set():
+        if liveness_file is not None:
+            liveness.touch(liveness_file)
         try:
             sweep()
         except Exception:
