@@ -1,7 +1,7 @@
 """Which queued job a free worker runs next: the pool's turn order, the claim that follows it,
 and the bookkeeping of the wake-up messages.
 
-The order lives in one query (`queue_order`), read both by the claim and by the queue positions
+The order lives in `queue_order`, read both by the claim and by the queue positions
 the API shows, so a position is the order in which the claim will take the jobs:
 
 - Each owner (API key) has slots: its running jobs fill the first ones, then its waiting jobs,
@@ -32,6 +32,8 @@ interchangeable, so the tally stays right whichever job is marked.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -51,79 +53,103 @@ class QueuePlace:
     claimable: bool  # False: its key is at its running limit
 
 
-def queue_order() -> sa.Subquery:
-    """Every waiting job with its place in the pool's turn order.
+@dataclass(frozen=True)
+class _Owner:
+    """What the turn order needs of a key with waiting jobs."""
 
-    Columns: `id`, `owner`, `claimable` (its key is below its running limit) and `position`
-    (1, 2, ...: the order in which free workers take the jobs).
+    running: int
+    oldest_running_start: datetime | None
+    last_start: datetime | None
+    share: int
+    max_running: int | None
+
+
+def queue_order(session: Session) -> list[tuple[str, bool]]:
+    """Every waiting job in the pool's turn order: (job id, claimable), the next to start first.
+
+    Read with four plain queries (the waiting jobs, the running ones, each waiting key's latest
+    start and its settings) and ordered here. As one SQL statement with window functions the
+    order was at the planner's mercy: with the statistics of a queue that had just grown (as any
+    queue does, faster than autovacuum re-analyses it) Postgres re-aggregated every key's jobs
+    for each waiting job, 0.9 s at 3,000 jobs queued where the same statement with fresh
+    statistics took 13 ms. Plain reads cost the same whatever the statistics say.
     """
-    waiting = (
-        sa.select(
-            Job.id,
-            Job.owner,
-            sa.func.row_number()
-            .over(
-                partition_by=Job.owner,
-                order_by=(Job.priority.desc(), Job.created_at, Job.id),
+    waiting = session.execute(
+        sa.select(Job.id, Job.owner, Job.priority, Job.created_at).where(
+            Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False)
+        )
+    ).all()
+    if not waiting:
+        return []
+    owners = _owners(session, {row.owner for row in waiting})
+    by_owner: dict[str, list[Any]] = {}
+    for row in waiting:
+        by_owner.setdefault(row.owner, []).append(row)
+    never = datetime.min.replace(tzinfo=UTC)
+    slots = []
+    for owner, rows in by_owner.items():
+        rows.sort(key=lambda row: (-row.priority, row.created_at, row.id))
+        stats = owners[owner]
+        first_waiting = min(row.created_at for row in rows)
+        for rank, row in enumerate(rows, start=1):
+            turn = (stats.running + rank - 1) // stats.share
+            key = (
+                turn,
+                # Keys with a job running first, by when their oldest running job started...
+                stats.oldest_running_start is None,
+                stats.oldest_running_start or never,
+                # ...then the key whose latest job started longest ago (one never run first)...
+                stats.last_start is not None,
+                stats.last_start or never,
+                # ...then the one waiting longest.
+                first_waiting,
+                owner,
+                rank,
             )
-            .label("rank"),
-            sa.func.min(Job.created_at).over(partition_by=Job.owner).label("first_waiting"),
+            claimable = stats.max_running is None or stats.running < stats.max_running
+            slots.append((key, row.id, claimable))
+    slots.sort(key=lambda slot: slot[0])
+    return [(job_id, claimable) for _, job_id, claimable in slots]
+
+
+def _owners(session: Session, keys: set[str]) -> dict[str, _Owner]:
+    running = {
+        owner: (int(count), oldest)
+        for owner, count, oldest in session.execute(
+            sa.select(Job.owner, sa.func.count(), sa.func.min(Job.started_at))
+            .where(Job.status == JobStatus.RUNNING.value, Job.owner.in_(keys))
+            .group_by(Job.owner)
         )
-        .where(Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
-        .subquery("waiting")
-    )
-    owners = (
-        sa.select(
-            Job.owner,
-            sa.func.sum(sa.case((Job.status == JobStatus.RUNNING.value, 1), else_=0)).label(
-                "running"
-            ),
-            sa.func.min(
-                sa.case((Job.status == JobStatus.RUNNING.value, Job.started_at), else_=None)
-            ).label("oldest_running_start"),
-            sa.func.max(Job.started_at).label("last_start"),
+    }
+    last_start = {
+        owner: started
+        for owner, started in session.execute(
+            sa.select(Job.owner, sa.func.max(Job.started_at))
+            .where(Job.owner.in_(keys))
+            .group_by(Job.owner)
         )
-        .where(Job.owner.in_(sa.select(waiting.c.owner)))
-        .group_by(Job.owner)
-        .subquery("owners")
-    )
-    running = sa.func.coalesce(owners.c.running, 0)
-    share = sa.func.coalesce(ApiKey.share, 1)
-    turn = (running + waiting.c.rank - 1) // share
-    return (
-        sa.select(
-            waiting.c.id,
-            waiting.c.owner,
-            sa.or_(ApiKey.max_running.is_(None), running < ApiKey.max_running).label("claimable"),
-            sa.func.row_number()
-            .over(
-                order_by=(
-                    turn,
-                    owners.c.oldest_running_start.asc().nulls_last(),
-                    owners.c.last_start.asc().nulls_first(),
-                    waiting.c.first_waiting,
-                    waiting.c.owner,
-                    waiting.c.rank,
-                )
-            )
-            .label("position"),
+    }
+    settings = {
+        key_id: (share, max_running)
+        for key_id, share, max_running in session.execute(
+            sa.select(ApiKey.id, ApiKey.share, ApiKey.max_running).where(ApiKey.id.in_(keys))
         )
-        .select_from(waiting)
-        .outerjoin(owners, owners.c.owner == waiting.c.owner)
-        .outerjoin(ApiKey, ApiKey.id == waiting.c.owner)
-        .subquery("queue_order")
-    )
+    }
+    owners = {}
+    for key in keys:
+        count, oldest = running.get(key, (0, None))
+        share, max_running = settings.get(key, (1, None))
+        owners[key] = _Owner(count, oldest, last_start.get(key), share or 1, max_running)
+    return owners
 
 
 def queue_places(session: Session, job_ids: list[str] | None = None) -> dict[str, QueuePlace]:
     """The place of each waiting job (of `job_ids` only, if given) in the turn order."""
-    order = queue_order()
-    query = sa.select(order.c.id, order.c.position, order.c.claimable)
-    if job_ids is not None:
-        query = query.where(order.c.id.in_(job_ids))
+    wanted = None if job_ids is None else set(job_ids)
     return {
-        job_id: QueuePlace(int(position), bool(claimable))
-        for job_id, position, claimable in session.execute(query)
+        job_id: QueuePlace(position, claimable)
+        for position, (job_id, claimable) in enumerate(queue_order(session), start=1)
+        if wanted is None or job_id in wanted
     }
 
 
@@ -142,19 +168,21 @@ def claim_next(session: Session, worker_id: str, message_job_id: str) -> Job | N
     claims queue on an advisory lock so running limits and turns see every earlier claim.
     """
     _serialise_claims(session)
-    order = queue_order()
-    picked = session.execute(
-        sa.select(Job.id, has_outstanding_message().label("outstanding"))
-        .join(order, order.c.id == Job.id)
-        .where(
-            order.c.claimable,
-            Job.status == JobStatus.QUEUED.value,
-            Job.cancel_requested.is_(False),
-        )
-        .order_by(order.c.position)
-        .limit(1)
-        .with_for_update(of=Job, skip_locked=True)
-    ).one_or_none()
+    picked = None
+    for job_id, claimable in queue_order(session):
+        if not claimable:
+            continue
+        picked = session.execute(
+            sa.select(Job.id, has_outstanding_message().label("outstanding"))
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.QUEUED.value,
+                Job.cancel_requested.is_(False),
+            )
+            .with_for_update(skip_locked=True)
+        ).one_or_none()
+        if picked is not None:
+            break
     if picked is None:
         use_up_message(session, message_job_id)
         return None
@@ -168,8 +196,7 @@ def take_message(session: Session, job_id: str) -> bool:
     """A worker took the message sent for `job_id` off the queue: whether some job can start
     now. If none can, the message is stale: it is used up here, and dropped by the caller
     without a job process."""
-    order = queue_order()
-    if session.execute(sa.select(order.c.id).where(order.c.claimable).limit(1)).first():
+    if any(claimable for _, claimable in queue_order(session)):
         return True
     use_up_message(session, job_id)
     return False
