@@ -103,14 +103,14 @@ def wait_ready(url: str, processes: list[subprocess.Popen[bytes]], timeout: floa
     wait_for(ready, timeout, "the API to be ready")
 
 
-def make_key(database_url: str) -> str:
+def make_key(database_url: str, *, is_admin: bool = False) -> str:
     from store.db import make_engine
     from store.keys import create_api_key
 
     engine = make_engine(database_url)
     try:
         with Session(engine) as session:
-            _, secret = create_api_key(session, "e2e")
+            _, secret = create_api_key(session, "e2e", is_admin=is_admin)
             session.commit()
     finally:
         engine.dispose()

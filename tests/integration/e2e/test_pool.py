@@ -5,17 +5,13 @@ a drained worker finishes its job, then leaves every other job to the rest of th
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy.orm import Session
 
-from store.db import make_engine
-from store.keys import create_api_key
 from tests.integration.api._client import run_amid
-from tests.integration.e2e._service import job_body, stop, wait_for
+from tests.integration.e2e._service import job_body, make_key, stop, wait_for
 from tests.integration.faults._stack import Service, Stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -25,25 +21,10 @@ FINISHED = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture
-def stack(own_database: str, redis_url: str, tmp_path: Path) -> Iterator[Stack]:
+def stack(own_database: str, redis_url: str, make_stack: Callable[..., Stack]) -> Stack:
     # A database of its own: a worker takes the pool's next job, which in the session's shared
     # database could be one another test left queued.
-    running = Stack(tmp_path / "stack", own_database, redis_url)
-    try:
-        yield running
-    finally:
-        running.close()
-
-
-def admin_key(database_url: str) -> str:
-    engine = make_engine(database_url)
-    try:
-        with Session(engine) as session:
-            _, secret = create_api_key(session, "pool-admin", is_admin=True)
-            session.commit()
-    finally:
-        engine.dispose()
-    return secret
+    return make_stack(own_database, redis_url)
 
 
 def member_id(worker: Service) -> str:
@@ -117,7 +98,7 @@ def test_a_drained_worker_finishes_its_job_and_leaves_the_next_to_another(
     wait_entry(stack, first, "the first worker to run the job", state="busy", job=running)
 
     assert stack.api_url is not None
-    admin = admin_key(stack.database_url)
+    admin = make_key(stack.database_url, is_admin=True)
     drain = ("pool", "drain", member_id(first), "--url", stack.api_url, "--api-key", admin)
     code, out, err = run_amid(capsys, *drain)
     assert code == 0, err
