@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -29,15 +30,15 @@ def private_redis(tmp_path: Path) -> Iterator[PrivateRedis]:
         server.close()
 
 
-@pytest.fixture
-def own_database(postgres_url: str) -> Iterator[str]:
-    """A migrated database of this test's own on the local Postgres, dropped afterwards.
+@contextmanager
+def database_of_its_own(postgres_url: str) -> Iterator[str]:
+    """A migrated database on the local Postgres, dropped afterwards.
 
-    Not the session's shared one: a reaper sweeps every running and queued job of its database,
-    so it would take over (and re-send) jobs that other tests left behind.
+    Not the session's shared one: a worker claims the pool's next job and a reaper sweeps every
+    running and queued job of its database, so there they would act on jobs other tests left.
     """
     admin = sa.create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    name = f"amid_faults_{uuid.uuid4().hex[:12]}"
+    name = f"amid_own_{uuid.uuid4().hex[:12]}"
     with admin.connect() as conn:
         conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = admin.url.set(database=name).render_as_string(hide_password=False)
@@ -48,6 +49,13 @@ def own_database(postgres_url: str) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+@pytest.fixture
+def own_database(postgres_url: str) -> Iterator[str]:
+    """A database of this test's own (`database_of_its_own`)."""
+    with database_of_its_own(postgres_url) as url:
+        yield url
 
 
 @pytest.fixture

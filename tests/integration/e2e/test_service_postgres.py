@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import sqlalchemy as sa
 
 from store.artifacts import ArtifactStore
 from store.config import ServiceConfig
 from store.queue import RUN_JOB_TASK, build_celery_app
+from tests.integration.conftest import database_of_its_own
 from tests.integration.e2e._service import (
     Client,
     base_env,
@@ -44,19 +44,15 @@ class Service:
 def service(
     postgres_url: str, redis_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Service]:
-    from store.db import make_engine, upgrade
+    with database_of_its_own(postgres_url) as database_url:
+        yield from _service(database_url, redis_url, tmp_path_factory.mktemp("e2e-pg"))
 
-    root = tmp_path_factory.mktemp("e2e-pg")
-    upgrade(postgres_url)
-    # The worker claims the pool's next job: jobs other tests left queued are not for it.
-    engine = make_engine(postgres_url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE jobs SET status = 'failed' WHERE status = 'queued'"))
-    engine.dispose()
+
+def _service(database_url: str, redis_url: str, root: Path) -> Iterator[Service]:
     artifacts_uri = (root / "artifacts").as_uri()
     env = base_env(
         root / "home",
-        AMID_DATABASE_URL=postgres_url,
+        AMID_DATABASE_URL=database_url,
         AMID_BROKER_URL=redis_url,
         # A queue of our own: other test sessions on the same Redis never see these messages.
         AMID_QUEUE=f"amid-e2e-{uuid.uuid4().hex[:8]}",
@@ -69,7 +65,7 @@ def service(
         root / "api.log",
     )
     worker = start(["cli.main", "worker", "--loglevel=INFO"], env, root / "worker.log")
-    client = Client(f"http://127.0.0.1:{port}", make_key(postgres_url))
+    client = Client(f"http://127.0.0.1:{port}", make_key(database_url))
     try:
         wait_ready(f"http://127.0.0.1:{port}", [api, worker])
         yield Service(client, env, ArtifactStore(artifacts_uri), root)

@@ -17,7 +17,7 @@ from core.callbacks import Callback, CheckpointReport, RunInfo, RunResult, StepR
 from store import jobs
 from store.artifacts import get_artifact_store
 from store.config import get_config
-from store.db import reset_engine, session_scope, upgrade
+from store.db import reset_engine, session_scope
 from store.models import Job
 from tests.conftest import RecordedWandbRun
 from tests.integration.e2e._service import DEMO, job_body
@@ -26,23 +26,17 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def db(postgres_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
-    monkeypatch.setenv("AMID_DATABASE_URL", postgres_url)
+def db(own_database: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[str]:
+    # A database of its own: the task claims the pool's next job, so the pool holds only this
+    # test's jobs.
+    monkeypatch.setenv("AMID_DATABASE_URL", own_database)
     # The worker reads datasets only under the data roots, as the API allowed them.
     monkeypatch.setenv("AMID_DATA_ROOTS", f"{DEMO}:{tmp_path}")
     monkeypatch.setenv("AMID_HEARTBEAT_SECONDS", "0.2")
     monkeypatch.setenv("AMID_STALE_AFTER_SECONDS", "30")
     get_config.cache_clear()
     reset_engine()
-    upgrade(postgres_url)
-    # The task claims the pool's next job, so the pool holds only this test's jobs.
-    with session_scope() as session:
-        session.execute(
-            sa.update(Job)
-            .where(Job.status.in_(["queued", "running"]))
-            .values(status="failed", finished_at=sa.func.now())
-        )
-    yield postgres_url
+    yield own_database
     reset_engine()
 
 
