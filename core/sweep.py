@@ -34,7 +34,7 @@ from core.checkpoints import checkpoint_dir, rng_state, set_rng_state
 from core.guards import StopRequested
 from core.settings import DistillSettings
 from core.shared_teacher import SharedTeacher
-from core.train import BEST_METRIC, _Run
+from core.train import BEST_METRIC, TrainingRun
 
 STUDENTS_DIR = "students"  # each student's own output directory: students/<k>/
 
@@ -101,14 +101,14 @@ class _Sweep:
         self.callbacks = list(callbacks)
         self.shared = SharedTeacher()
         self.channels: list[_StudentChannel] = []
-        self.members: list[_Run] = []
+        self.members: list[TrainingRun] = []
         # Each student's RNG streams, as they would be in a run of its own.
         self.rng: list[dict[str, Any]] = []
         for index in range(len(settings.sweep)):
             channel = _StudentChannel(index, self.callbacks)
             self.channels.append(channel)
             self.members.append(
-                _Run(
+                TrainingRun(
                     settings.student_settings(index),
                     output_dir / STUDENTS_DIR / str(index),
                     [channel],
@@ -122,7 +122,7 @@ class _Sweep:
         for callback in self.callbacks:
             callback.on_start(info)
 
-    def _each(self, act: Callable[[_Run], object]) -> None:
+    def _each(self, act: Callable[[TrainingRun], object]) -> None:
         """`act` on every student in turn, each under its own RNG streams."""
         for index, member in enumerate(self.members):
             set_rng_state(self.rng[index])

@@ -111,7 +111,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class _Run:
+class TrainingRun:
     """One distillation run; `distill` drives its phases."""
 
     # == setup ===================================================================================
@@ -877,7 +877,7 @@ def distill(
             callbacks,
             Path(resume_from) if resume_from is not None else None,
         )
-    run = _Run(
+    run = TrainingRun(
         settings,
         Path(output_dir),
         callbacks,

@@ -17,7 +17,7 @@ from core.data import DatasetUnreadable
 from core.demo import DATA_FILE
 from core.guards import NonFiniteLoss, NonFiniteWeights, SequenceTooLong, check_finite_weights
 from core.settings import MAX_GRAD_ACCUM_STEPS, DistillSettings
-from core.train import _Run, distill
+from core.train import TrainingRun, distill
 from tests.unit.core.conftest import tiny_gpt2
 
 # A stop asked for during a step of MAX_GRAD_ACCUM_STEPS micro-batches (minutes on a CPU) must
@@ -63,15 +63,15 @@ def test_a_stop_inside_a_huge_accumulation_step_ends_the_run_within_the_bound(
 
 def _nan_losses(monkeypatch: pytest.MonkeyPatch, bad: Callable[[int], bool]) -> list[int]:
     """Make the loss of micro-batch n (1-based) NaN where `bad(n)`; returns the calls made."""
-    real_loss = _Run._loss
+    real_loss = TrainingRun._loss
     calls: list[int] = []
 
-    def loss(self: _Run, *args: object, **kwargs: object) -> tuple[torch.Tensor, int]:
+    def loss(self: TrainingRun, *args: object, **kwargs: object) -> tuple[torch.Tensor, int]:
         value, count = real_loss(self, *args, **kwargs)  # type: ignore[arg-type]
         calls.append(len(calls) + 1)
         return (value * float("nan") if bad(len(calls)) else value), count
 
-    monkeypatch.setattr(_Run, "_loss", loss)
+    monkeypatch.setattr(TrainingRun, "_loss", loss)
     return calls
 
 

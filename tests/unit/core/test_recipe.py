@@ -21,7 +21,7 @@ from core.demo import STUDENT_DIR, TEACHER_DIR
 from core.recipe_settings import StudentOutputSettings
 from core.settings import DistillSettings
 from core.student_outputs import ReplayBuffer, StudentOutputs, batch_prompts
-from core.train import StudentTooFar, _Run, distill
+from core.train import StudentTooFar, TrainingRun, distill
 
 
 class Events(Callback):
@@ -97,7 +97,7 @@ def test_a_student_sample_is_scored_by_the_teacher_on_its_generated_tokens_only(
     tmp_path: Path, pair: tuple[Path, Path], make_settings: Callable[..., DistillSettings]
 ) -> None:
     settings = make_settings(*pair, student_outputs={"fraction": 1.0, "max_new_tokens": 6})
-    run = _Run(settings, tmp_path / "run", [], None)
+    run = TrainingRun(settings, tmp_path / "run", [], None)
     try:
         assert run.student_outputs is not None and run.teacher is not None
         dataset_batch = run.stream.next()

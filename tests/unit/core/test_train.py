@@ -21,7 +21,7 @@ from core.callbacks import (
 )
 from core.demo import DATA_FILE, STUDENT_DIR, TEACHER_DIR
 from core.settings import DistillSettings
-from core.train import _Run, distill
+from core.train import TrainingRun, distill
 
 STEP_METRICS = {
     "train/loss",
@@ -124,7 +124,7 @@ def test_student_moves_and_teacher_stays_frozen(
     tmp_path: Path, save_model: Callable[..., Path], make_settings: Callable[..., DistillSettings]
 ) -> None:
     settings = make_settings(save_model("teacher"), save_model("student", n_embd=16), max_steps=3)
-    run = _Run(settings, tmp_path / "run", [], None)
+    run = TrainingRun(settings, tmp_path / "run", [], None)
     teacher_before = {k: v.clone() for k, v in run.teacher.state_dict().items()}
     student_before = {k: v.clone() for k, v in run.student.state_dict().items()}
     run.train()
