@@ -3,7 +3,7 @@
 Concurrency 1, prefetch 1 and a fresh child process per job (its own CUDA context); the parent
 never imports torch. `--gpu N` pins the process to GPU N through CUDA_VISIBLE_DEVICES and names
 the worker after it; `--gpu auto` takes the lowest index no other worker of the box holds
-(worker.gpus). `--check` is the container health check: did this worker's main loop turn lately.
+(worker.gpu_lock). `--check` is the container health check: did this worker's main loop turn lately.
 """
 
 from __future__ import annotations
@@ -71,11 +71,11 @@ def _run(args: argparse.Namespace) -> int:
     if args.check:
         return run_check(args.liveness_file, LIVENESS_MAX_AGE_SECONDS)
     from store.config import get_config
-    from worker import gpus
+    from worker import gpu_lock
 
     config = get_config()
     claim = (
-        gpus.claimed_gpu(config.home / "gpu-locks", gpus.visible_count())
+        gpu_lock.claimed_gpu(config.home / "gpu-locks", gpu_lock.visible_count())
         if args.gpu == "auto"
         else nullcontext(args.gpu)
     )

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from worker.gpus import NoFreeGPU, claimed_gpu, visible_count
+from worker.gpu_lock import NoFreeGPU, claimed_gpu, visible_count
 
 HOLD_ONE = """
 import sys, time
 from pathlib import Path
-from worker.gpus import claimed_gpu
+from worker.gpu_lock import claimed_gpu
 with claimed_gpu(Path(sys.argv[1]), int(sys.argv[2])) as index:
     print(index, flush=True)
     time.sleep(60)
