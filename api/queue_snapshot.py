@@ -1,9 +1,9 @@
 """Where queued jobs stand, as the API shows them: one reading of the pool's turn order, shared
 by the requests of the next second.
 
-A job's place comes from the order of the whole queue (`store.scheduling.queue_order`), a query
-over every waiting job; run for each read of each job, it cost a poll of a queued job ~6× its
-throughput with 500 jobs queued. So an API process reads the order (and the pool's pace, for
+A job's place comes from the order of the whole queue (`store.scheduling.queue_order`), which
+reads every waiting job; run for each read of each job, it cut the throughput of polling a
+queued job ~6× with 500 jobs queued. So an API process reads the order (and the pool's pace, for
 the estimated starts) at most once per `SNAPSHOT_SECONDS` and answers every read from it: a
 place shown may be up to that old, as any queue display is. A job the snapshot does not hold
 (submitted since, or re-queued since) gets a fresh reading, once per request.

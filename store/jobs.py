@@ -322,6 +322,11 @@ def request_cancel(session: Session, job_id: str, owner: str | None) -> Job:
 # -- the worker's side ---------------------------------------------------------------------------
 
 
+def waiting_to_start() -> sa.ColumnElement[bool]:
+    """A job that waits in the queue to be claimed: queued, and not being cancelled."""
+    return sa.and_(Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False))
+
+
 def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
     """Take this queued job for `worker_id`; None if it is not claimable (cancelled, already
     running or finished). One conditional UPDATE, so exactly one claimant wins. Workers call it
@@ -331,8 +336,7 @@ def claim_job(session: Session, job_id: str, worker_id: str) -> Job | None:
         sa.update(Job)
         .where(
             Job.id == job_id,
-            Job.status == JobStatus.QUEUED.value,
-            Job.cancel_requested.is_(False),
+            waiting_to_start(),
         )
         .values(
             status=JobStatus.RUNNING.value,
@@ -679,9 +683,7 @@ def jobs_to_redispatch(
     )
     return list(
         session.execute(
-            sa.select(Job.id)
-            .where(Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False), due)
-            .order_by(Job.created_at)
+            sa.select(Job.id).where(waiting_to_start(), due).order_by(Job.created_at)
         ).scalars()
     )
 

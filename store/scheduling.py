@@ -38,7 +38,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from store.jobs import claim_job, has_outstanding_message
+from store.jobs import claim_job, has_outstanding_message, waiting_to_start
 from store.models import ApiKey, Job, utcnow
 from store.states import JobStatus
 
@@ -63,6 +63,11 @@ class _Owner:
     share: int
     max_running: int | None
 
+    @property
+    def below_limit(self) -> bool:
+        """Its waiting jobs may start now (it runs fewer jobs than its limit, or has none)."""
+        return self.max_running is None or self.running < self.max_running
+
 
 def queue_order(session: Session) -> list[tuple[str, bool]]:
     """Every waiting job in the pool's turn order: (job id, claimable), the next to start first.
@@ -75,9 +80,7 @@ def queue_order(session: Session) -> list[tuple[str, bool]]:
     statistics took 13 ms. Plain reads cost the same whatever the statistics say.
     """
     waiting = session.execute(
-        sa.select(Job.id, Job.owner, Job.priority, Job.created_at).where(
-            Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False)
-        )
+        sa.select(Job.id, Job.owner, Job.priority, Job.created_at).where(waiting_to_start())
     ).all()
     if not waiting:
         return []
@@ -106,8 +109,7 @@ def queue_order(session: Session) -> list[tuple[str, bool]]:
                 owner,
                 rank,
             )
-            claimable = stats.max_running is None or stats.running < stats.max_running
-            slots.append((key, row.id, claimable))
+            slots.append((key, row.id, stats.below_limit))
     slots.sort(key=lambda slot: slot[0])
     return [(job_id, claimable) for _, job_id, claimable in slots]
 
@@ -174,11 +176,7 @@ def claim_next(session: Session, worker_id: str, message_job_id: str) -> Job | N
             continue
         picked = session.execute(
             sa.select(Job.id, has_outstanding_message().label("outstanding"))
-            .where(
-                Job.id == job_id,
-                Job.status == JobStatus.QUEUED.value,
-                Job.cancel_requested.is_(False),
-            )
+            .where(Job.id == job_id, waiting_to_start())
             .with_for_update(skip_locked=True)
         ).one_or_none()
         if picked is not None:
@@ -195,8 +193,14 @@ def claim_next(session: Session, worker_id: str, message_job_id: str) -> Job | N
 def take_message(session: Session, job_id: str) -> bool:
     """A worker took the message sent for `job_id` off the queue: whether some job can start
     now. If none can, the message is stale: it is used up here, and dropped by the caller
-    without a job process."""
-    if any(claimable for _, claimable in queue_order(session)):
+    without a job process.
+
+    Checked in the worker's main process for every message, so it reads only the waiting keys,
+    not the whole order."""
+    waiting_keys = set(
+        session.execute(sa.select(Job.owner).where(waiting_to_start()).distinct()).scalars()
+    )
+    if waiting_keys and any(owner.below_limit for owner in _owners(session, waiting_keys).values()):
         return True
     use_up_message(session, job_id)
     return False
