@@ -8,8 +8,8 @@ from fastapi import APIRouter, Path
 from fastapi.responses import StreamingResponse
 
 from api import service
-from api.deps import CallerDep, SessionDep
-from api.downloads import stream_artifact
+from api.deps import ReaderDep
+from api.downloads import download
 from api.routes.jobs import ERRORS, JobId
 from api.schemas import ErrorOut
 
@@ -25,13 +25,13 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
     },
     summary="Download one checkpoint (weights, tokenizer, card, training state) as a tar.gz",
 )
-def download_checkpoint(
-    session: SessionDep,
-    caller: CallerDep,
+async def download_checkpoint(
+    reader: ReaderDep,
     job_id: JobId,
     step: Annotated[int, Path(ge=0, le=2**31 - 1)],
 ) -> StreamingResponse:
-    uri = service.checkpoint_uri(session, caller, job_id, step)
-    # End the transaction before a stream that may last minutes (on SQLite it holds the lock).
-    session.close()
-    return stream_artifact(uri, f"checkpoint-{job_id}-step-{step}")
+    return await download(
+        reader,
+        lambda session, caller: service.checkpoint_uri(session, caller, job_id, step),
+        f"checkpoint-{job_id}-step-{step}",
+    )

@@ -10,7 +10,7 @@ from pydantic import ValidatorFunctionWrapHandler, WrapValidator
 
 from api import service
 from api.deps import CallerDep, EnqueueDep, ReaderDep, SessionDep
-from api.downloads import stream_artifact
+from api.downloads import download
 from api.schemas import (
     CheckpointList,
     ErrorOut,
@@ -208,11 +208,12 @@ async def list_checkpoints(reader: ReaderDep, job_id: JobId) -> CheckpointList:
     },
     summary="Download the final student as a tar.gz",
 )
-def download_student(session: SessionDep, caller: CallerDep, job_id: JobId) -> StreamingResponse:
-    uri = service.student_uri(session, caller, job_id)
-    # End the transaction before a stream that may last minutes (on SQLite it holds the lock).
-    session.close()
-    return stream_artifact(uri, f"student-{job_id}")
+async def download_student(reader: ReaderDep, job_id: JobId) -> StreamingResponse:
+    return await download(
+        reader,
+        lambda session, caller: service.student_uri(session, caller, job_id),
+        f"student-{job_id}",
+    )
 
 
 @router.get(
@@ -235,13 +236,13 @@ async def list_students(reader: ReaderDep, job_id: JobId) -> StudentList:
     },
     summary="Download one student of a sweep as a tar.gz",
 )
-def download_sweep_student(
-    session: SessionDep,
-    caller: CallerDep,
+async def download_sweep_student(
+    reader: ReaderDep,
     job_id: JobId,
     student: Annotated[int, Path(ge=0, le=1000, description="Its place in the sweep, from 0.")],
 ) -> StreamingResponse:
-    uri = service.sweep_student_uri(session, caller, job_id, student)
-    # End the transaction before a stream that may last minutes (on SQLite it holds the lock).
-    session.close()
-    return stream_artifact(uri, f"student-{job_id}-{student}")
+    return await download(
+        reader,
+        lambda session, caller: service.sweep_student_uri(session, caller, job_id, student),
+        f"student-{job_id}-{student}",
+    )
