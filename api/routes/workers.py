@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path
+from sqlalchemy.orm import Session
 
-from api.deps import CallerDep, SessionDep
+from api.deps import Caller, CallerDep, ReaderDep, SessionDep
 from api.errors import Forbidden
 from api.routes.jobs import ERRORS
 from api.schemas import ErrorOut, WorkerList, WorkerOut, worker_out
@@ -37,9 +38,14 @@ WorkerId = Annotated[
     responses={401: ERRORS[401], 503: ERRORS[503]},
     summary="The pool: every worker, its state, GPU, current job and last report",
 )
-def list_workers(session: SessionDep, caller: CallerDep) -> WorkerList:
-    members = workers.list_workers(session, stale_after_seconds=get_config().stale_after_seconds)
-    return WorkerList(items=[worker_out(member, show_owner=caller.is_admin) for member in members])
+async def list_workers(reader: ReaderDep) -> WorkerList:
+    stale_after_seconds = get_config().stale_after_seconds
+
+    def pool(session: Session, caller: Caller) -> WorkerList:
+        members = workers.list_workers(session, stale_after_seconds=stale_after_seconds)
+        return WorkerList(items=[worker_out(m, show_owner=caller.is_admin) for m in members])
+
+    return await reader.read(pool)
 
 
 @router.post(
