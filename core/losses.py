@@ -69,6 +69,9 @@ _GEOMETRIC_C = 1e-20
 # softplus (cheaper in memory where c·(log p − log q) is large, and already precise).
 _LOG1P_BELOW_C = 0.1
 _LARGE_U = 30.0
+# Beyond this y, softplus(y) = y + log1p(e^−y) is y to fp32 precision, and sigmoid(−y) is no
+# longer a normal float (below 2^−126 from y ≈ 87.3).
+_SOFTPLUS_IS_LINEAR = 80.0
 
 
 # -- divergences ---------------------------------------------------------------------------------
@@ -158,65 +161,183 @@ DIVERGENCE_FUNCTIONS: dict[str, DivergenceFn] = {
 }
 
 
+# -- scratch buffers -------------------------------------------------------------------------------
+
+
+class _Scratch:
+    """Free [rows, V] tensors, handed out and taken back, so that every chunk of one call computes
+    in the same few buffers.
+
+    At a 50k vocabulary each temporary of a chunk is megabytes. Allocated afresh per chunk, the C
+    allocator returns many of them to the system on free and the next chunk pays a page fault per
+    4 KiB to get them back: a third of the loss's CPU time on a 2,048-token batch went to that.
+    Reused, they are faulted in once per call and are still in cache for the next operation.
+    A tensor given back must be one this pool handed out, after its last use.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[torch.Size, torch.dtype, torch.device], list[Tensor]] = {}
+
+    def take(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor of this shape, dtype and device."""
+        free = self._free.get((shape, dtype, device))
+        return free.pop() if free else torch.empty(shape, dtype=dtype, device=device)
+
+    def take_like(self, tensor: Tensor) -> Tensor:
+        return self.take(tensor.shape, tensor.dtype, tensor.device)
+
+    def give(self, *tensors: Tensor | float | None) -> None:
+        """Takes back each tensor given (numbers and None are skipped, a tensor named twice in
+        one call counts once)."""
+        seen: list[Tensor] = []
+        for tensor in tensors:
+            if not isinstance(tensor, Tensor) or any(tensor is other for other in seen):
+                continue
+            seen.append(tensor)
+            free = self._free.setdefault((tensor.shape, tensor.dtype, tensor.device), [])
+            if any(tensor is other for other in free):
+                raise RuntimeError("a scratch tensor was given back twice")
+            free.append(tensor)
+
+
 # -- the same divergences with their gradients, in closed form ------------------------------------
 # The training path needs each chunk's value and its partial derivatives w.r.t. log x and log r.
 # Autograd through the functions above would keep every intermediate alive and cost a backward
 # pass; these compute the value and both partials together from a handful of tensors. The tests
 # check them against autograd through the functions above. `grad_x` is None unless asked for.
+# They leave `log_x` and `log_r` untouched, and take their temporaries and results from
+# `scratch`; the results belong to the caller, who gives them back. `may_have_zeros` False
+# promises that neither side holds −inf, which lets them skip the guards a zero needs.
 
 ValueAndGrads = tuple[Tensor, Tensor | None, Tensor]
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
+def _dot(a: Tensor, b: Tensor, scratch: _Scratch) -> Tensor:
     """Σ a·b. The product is materialised on purpose: `torch.vdot` over a chunk of [N, V]
     accumulates in plain fp32 and drifts by ~3e-5 relative at N·V ≈ 6e6, where the cascaded
     summation of `sum` stays within ~1e-7."""
-    return (a * b).sum()
+    product = torch.mul(a, b, out=scratch.take_like(a))
+    total = product.sum()
+    scratch.give(product)
+    return total
 
 
-def _guarded_diff(prob: Tensor, log_a: Tensor, log_b: Tensor) -> Tensor:
+def _exp(log_a: Tensor, scratch: _Scratch) -> Tensor:
+    return torch.exp(log_a, out=scratch.take_like(log_a))
+
+
+def _guarded_diff(
+    prob: Tensor, log_a: Tensor, log_b: Tensor, scratch: _Scratch, may_have_zeros: bool
+) -> Tensor:
     """log a − log b where prob > 0, else 0 (so 0·log(0/b) is 0 and no inf meets a zero)."""
-    return torch.where(prob > 0, log_a - log_b, torch.zeros((), dtype=log_a.dtype))
+    diff = torch.sub(log_a, log_b, out=scratch.take_like(log_a))
+    if may_have_zeros:
+        diff.masked_fill_(prob == 0, 0.0)
+    return diff
 
 
-def _kl_grads(log_x: Tensor, log_r: Tensor, need_x: bool, **_: float) -> ValueAndGrads:
+def _plogratio_grads(
+    log_a: Tensor,
+    log_b: Tensor,
+    need: tuple[bool, bool],
+    scratch: _Scratch,
+    may_have_zeros: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Σ a·(log a − log b) and, where `need` asks, its partials ∂/∂log a = a(log a − log b + 1)
+    and ∂/∂log b = −a: KL(x‖r) with a = x, reverse KL with a = r."""
+    a = _exp(log_a, scratch)
+    diff = _guarded_diff(a, log_a, log_b, scratch, may_have_zeros)
+    grad_a = None
+    if need[0]:
+        value = _dot(a, diff, scratch)
+        grad_a = diff.add_(1.0).mul_(a)
+    else:  # the difference is not needed again: the product is made in its place
+        value = diff.mul_(a).sum()
+        scratch.give(diff)
+    grad_b = a.neg_() if need[1] else None
+    if grad_b is None:
+        scratch.give(a)
+    return value, grad_a, grad_b
+
+
+def _kl_grads(
+    log_x: Tensor,
+    log_r: Tensor,
+    need_x: bool,
+    *,
+    scratch: _Scratch | None = None,
+    may_have_zeros: bool = True,
+    **_: float,
+) -> ValueAndGrads:
     # D = Σ x(log x − log r):  ∂/∂log x = x(log x − log r + 1),  ∂/∂log r = −x.
-    x = log_x.exp()
-    diff = _guarded_diff(x, log_x, log_r)
-    value = _dot(x, diff)
-    grad_x = diff.add_(1.0).mul_(x) if need_x else None
-    return value, grad_x, x.neg_()
+    value, grad_x, grad_r = _plogratio_grads(
+        log_x, log_r, (need_x, True), scratch or _Scratch(), may_have_zeros
+    )
+    assert grad_r is not None  # asked for
+    return value, grad_x, grad_r
 
 
-def _rkl_grads(log_x: Tensor, log_r: Tensor, need_x: bool, **_: float) -> ValueAndGrads:
+def _rkl_grads(
+    log_x: Tensor,
+    log_r: Tensor,
+    need_x: bool,
+    *,
+    scratch: _Scratch | None = None,
+    may_have_zeros: bool = True,
+    **_: float,
+) -> ValueAndGrads:
     # D = Σ r(log r − log x):  ∂/∂log r = r(log r − log x + 1),  ∂/∂log x = −r.
-    r = log_r.exp()
-    diff = _guarded_diff(r, log_r, log_x)
-    value = _dot(r, diff)
-    grad_r = diff.add_(1.0).mul_(r)
-    return value, (r.neg_() if need_x else None), grad_r
+    value, grad_r, grad_x = _plogratio_grads(
+        log_r, log_x, (True, need_x), scratch or _Scratch(), may_have_zeros
+    )
+    assert grad_r is not None  # asked for
+    return value, grad_x, grad_r
 
 
-def _js_grads(log_x: Tensor, log_r: Tensor, need_x: bool, **_: float) -> ValueAndGrads:
+def _js_grads(
+    log_x: Tensor,
+    log_r: Tensor,
+    need_x: bool,
+    *,
+    scratch: _Scratch | None = None,
+    may_have_zeros: bool = True,
+    **_: float,
+) -> ValueAndGrads:
     # With m = ½(x + r) the terms through log m cancel: ∂/∂log x = ½x(log x − log m), likewise r.
-    log_m = torch.logaddexp(log_x, log_r).add_(_LOG_HALF)
-    r = log_r.exp()
-    grad_r = _guarded_diff(r, log_r, log_m).mul_(r).mul_(0.5)
-    del r
-    x = log_x.exp()
-    grad_x = _guarded_diff(x, log_x, log_m).mul_(x).mul_(0.5)
+    scratch = scratch or _Scratch()
+    log_m = torch.logaddexp(log_x, log_r, out=scratch.take_like(log_x)).add_(_LOG_HALF)
+    halves = []
+    for log_a in (log_r, log_x):
+        a = _exp(log_a, scratch)
+        halves.append(_guarded_diff(a, log_a, log_m, scratch, may_have_zeros).mul_(a).mul_(0.5))
+        scratch.give(a)
+    scratch.give(log_m)
+    grad_r, grad_x = halves
     value = grad_x.sum() + grad_r.sum()
+    if not need_x:
+        scratch.give(grad_x)
     return value, (grad_x if need_x else None), grad_r
 
 
-def _tvd_grads(log_x: Tensor, log_r: Tensor, need_x: bool, **_: float) -> ValueAndGrads:
+def _tvd_grads(
+    log_x: Tensor,
+    log_r: Tensor,
+    need_x: bool,
+    *,
+    scratch: _Scratch | None = None,
+    **_: float,
+) -> ValueAndGrads:
     # ∂/∂log x = ½·sign(x − r)·x, ∂/∂log r = −½·sign(x − r)·r (0 at the kink x = r).
-    x = log_x.exp()
-    r = log_r.exp()
-    sign = torch.sub(x, r).sign_()
-    value = 0.5 * _dot(sign, x - r)
+    scratch = scratch or _Scratch()
+    x = _exp(log_x, scratch)
+    r = _exp(log_r, scratch)
+    diff = torch.sub(x, r, out=scratch.take_like(x))
+    value = 0.5 * diff.abs_().sum()
+    sign = torch.sub(x, r, out=diff).sign_()
     grad_x = x.mul_(sign).mul_(0.5) if need_x else None
-    return value, grad_x, r.mul_(sign).mul_(-0.5)
+    grad_r = r.mul_(sign).mul_(-0.5)
+    scratch.give(sign, None if need_x else x)
+    return value, grad_x, grad_r
 
 
 def _ab_grads(
@@ -224,31 +345,39 @@ def _ab_grads(
     log_r: Tensor,
     need_x: bool,
     *,
+    scratch: _Scratch | None = None,
+    may_have_zeros: bool = True,
     ab_alpha: float = 0.2,
     ab_beta: float = 0.7,
     **_: float,
 ) -> ValueAndGrads:
+    scratch = scratch or _Scratch()
     a, b = float(ab_alpha), float(ab_beta)
     if a == 0.0 and b == 0.0:
-        delta = log_x - log_r
-        value = 0.5 * _dot(delta, delta)
-        return value, (delta.clone() if need_x else None), delta.neg_()
+        delta = torch.sub(log_x, log_r, out=scratch.take_like(log_x))
+        value = 0.5 * _dot(delta, delta, scratch)
+        grad_x = torch.clone(delta) if need_x else None
+        return value, grad_x, delta.neg_()
     if b == 0.0:
         # ∂/∂log x = x^a(log x − log r), ∂/∂log r = (r^a − x^a)/a.
-        xa = (a * log_x).exp()
-        diff = _guarded_diff(xa, log_x, log_r)
-        grad_r = (a * log_r).exp_().sub_(xa).div_(a)
-        value = (a * _dot(xa, diff) + a * grad_r.sum()) / (a * a)
-        return value, (diff.mul_(xa) if need_x else None), grad_r
+        xa = torch.mul(log_x, a, out=scratch.take_like(log_x)).exp_()
+        diff = _guarded_diff(xa, log_x, log_r, scratch, may_have_zeros)
+        grad_r = torch.mul(log_r, a, out=scratch.take_like(log_r)).exp_().sub_(xa).div_(a)
+        value = (a * _dot(xa, diff, scratch) + a * grad_r.sum()) / (a * a)
+        grad_x = diff.mul_(xa) if need_x else None
+        scratch.give(xa, None if need_x else diff)
+        return value, grad_x, grad_r
     if a == 0.0:
-        rb = (b * log_r).exp()
-        diff = _guarded_diff(rb, log_r, log_x)
-        grad_x = (b * log_x).exp_().sub_(rb).div_(b)
-        value = (b * _dot(rb, diff) + b * grad_x.sum()) / (b * b)
-        return value, (grad_x if need_x else None), diff.mul_(rb)
+        rb = torch.mul(log_r, b, out=scratch.take_like(log_r)).exp_()
+        diff = _guarded_diff(rb, log_r, log_x, scratch, may_have_zeros)
+        grad_x = torch.mul(log_x, b, out=scratch.take_like(log_x)).exp_().sub_(rb).div_(b)
+        value = (b * _dot(rb, diff, scratch) + b * grad_x.sum()) / (b * b)
+        grad_r = diff.mul_(rb)
+        scratch.give(rb, None if need_x else grad_x)
+        return value, (grad_x if need_x else None), grad_r
     if a + b == 0.0:
         # With L = a(log x − log r): D = Σ(e^L − L − 1)/a², ∂/∂log x = (e^L − 1)/a = −∂/∂log r.
-        ratio = (log_x - log_r).mul_(a)
+        ratio = torch.sub(log_x, log_r, out=scratch.take_like(log_x)).mul_(a)
         value = (ratio.exp().sum() - ratio.sum() - ratio.numel()) / (a * a)
         grad_x = ratio.expm1_().div_(a)
         return value, (grad_x.clone() if need_x else None), grad_x.neg_()
@@ -256,14 +385,15 @@ def _ab_grads(
     # D = (Σ∂/∂log x + Σ∂/∂log r)/(a+b): summing the element-wise differences rather than three
     # separate sums of size ~1 keeps D accurate where x ≈ r.
     s = a + b
-    cross = (a * log_x).add_(log_r, alpha=b).exp_()
-    partial_x = (s * log_x).exp_().sub_(cross).div_(b)
+    cross = torch.mul(log_x, a, out=scratch.take_like(log_x)).add_(log_r, alpha=b).exp_()
+    partial_x = torch.mul(log_x, s, out=scratch.take_like(log_x)).exp_().sub_(cross).div_(b)
     sum_x = partial_x.sum()
-    # Unless asked for, ∂/∂log x is released before ∂/∂log r exists: one [N, V] less at the peak.
+    # Unless asked for, ∂/∂log x is given back before ∂/∂log r exists: one [N, V] less.
     kept_x = partial_x if need_x else None
-    del partial_x
-    grad_r = (s * log_r).exp_().neg_().add_(cross).div_(-a)
-    del cross
+    if kept_x is None:
+        scratch.give(partial_x)
+    grad_r = torch.mul(log_r, s, out=scratch.take_like(log_r)).exp_().neg_().add_(cross).div_(-a)
+    scratch.give(cross)
     value = (sum_x + grad_r.sum()) / s
     return value, kept_x, grad_r
 
@@ -280,20 +410,28 @@ _VALUE_AND_GRADS: dict[str, Callable[..., ValueAndGrads]] = {
 
 
 def _mixture(
-    log_p: Tensor, log_q: Tensor, alpha: float, lam: float, may_have_zeros: bool = True
+    log_p: Tensor,
+    log_q: Tensor,
+    alpha: float,
+    lam: float,
+    scratch: _Scratch,
+    *,
+    may_have_zeros: bool = True,
 ) -> tuple[Tensor, Tensor | float]:
     """log r (normalised) and w = ∂log r̃/∂log q, the q-weight of the mixture at each entry.
 
     λ = 0 and λ = 1 return log q and log p themselves (no log 0 term is ever formed), and for
     them w is the scalar 1 or 0. Entries where both p and q are 0 get log r = −inf and w = 0.
+    Otherwise log r and w are scratch tensors, the caller's to give back.
     """
     if lam == 0.0:
         return log_q, 1.0
     if lam == 1.0:
         return log_p, 0.0
     c = (1.0 - alpha) / 2.0
+    log_rt = scratch.take_like(log_p)
     if abs(c) < _GEOMETRIC_C:
-        log_rt = lam * log_p + (1.0 - lam) * log_q
+        torch.mul(log_p, lam, out=log_rt).add_(log_q, alpha=1.0 - lam)
         weight: Tensor | float = 1.0 - lam
         # A zero on either side is a zero of p^λ·q^(1−λ); spelled out because a λ below fp32's
         # range turns λ·log 0 into 0·(−inf) = NaN.
@@ -301,42 +439,54 @@ def _mixture(
             either_zero = torch.isneginf(log_p) | torch.isneginf(log_q)
             log_rt.masked_fill_(either_zero, -math.inf)
     else:
-        # c·log r̃ = logaddexp(log λ + c·log p, log(1−λ) + c·log q), taken relative to the
-        # student's term. With u = c·(log p − log q):
-        #   log r̃ = log q + log(1 − λ + λ·e^u) / c,   ∂log r̃/∂log q = (1−λ)/(1 − λ + λ·e^u).
-        # One [N, V] temporary besides the two outputs, and p = q gives u = 0 everywhere.
-        # For c < 0 a zero on either side sends log r̃ to −inf: the support intersection.
-        u = (log_p - log_q).mul_(c)
+        # With u = c·(log p − log q) and y = u + log(λ/(1−λ)), taken relative to the student:
+        #   log r̃ = log q + log(1 − λ + λ·e^u)/c = log q + (log(1−λ) + softplus(y))/c,
+        #   ∂log r̃/∂log q = (1−λ)/(1 − λ + λ·e^u) = sigmoid(−y).
+        # p = q gives u = 0 everywhere. For c < 0 a zero on either side sends log r̃ to −inf:
+        # the support intersection.
         logit = math.log(lam) - math.log1p(-lam)
-        weight = torch.sigmoid(u.add(logit).neg_())
+        # −y = c·(log q − log p) − log(λ/(1−λ)), made where the weight sigmoid(−y) will lie.
+        weight = torch.sub(log_q, log_p, out=scratch.take_like(log_p)).mul_(c).sub_(logit)
         if abs(c) >= _LOG1P_BELOW_C:
-            # log(1 − λ + λe^u) = log(1−λ) + softplus(u + log(λ/(1−λ))): never overflows
-            # (softplus is linear for large arguments); absolute error about 1e-7/|c|.
-            log_rt = F.softplus(u.add_(logit)).add_(math.log1p(-lam))
+            # softplus(y) = −log sigmoid(−y): one pass over the weight, where softplus itself
+            # costs four passes' time on CPU. The weight keeps 1e-7 relative precision while it
+            # is a normal float; beyond y = 80 it is not, and softplus(y) is y to fp32 precision.
+            # The constant log(1−λ)/c is left out (the normalisation below removes it).
+            neg_y = weight.clone() if float(weight.amin()) < -_SOFTPLUS_IS_LINEAR else None
+            torch.log(weight.sigmoid_(), out=log_rt)  # −softplus(y)
+            if neg_y is not None:
+                torch.where(neg_y < -_SOFTPLUS_IS_LINEAR, neg_y, log_rt, out=log_rt)
+            step, left_out = -1.0 / c, math.log1p(-lam)
         else:
-            # Small |c|: log1p(λ·expm1(u)) keeps full precision as c → 0, where the form above
-            # would divide its rounding error by c. It overflows only for u beyond ~88, which
-            # needs |log p − log q| > 88/|c|; there the logaddexp form is exact enough.
-            log_rt = torch.expm1(u).mul_(lam).log1p_()
+            # Small |c|: with u = c·(log p − log q), log1p(λ·expm1(u)) keeps full precision as
+            # c → 0, where the form above would divide its rounding error by c (as would leaving
+            # out the constant here, or taking u from y). It overflows only for u beyond ~88,
+            # which needs |log p − log q| > 88/|c|; there log(1−λ) + softplus(y) is exact enough.
+            u = torch.sub(log_p, log_q, out=scratch.take_like(log_p)).mul_(c)
+            weight.sigmoid_()
+            torch.expm1(u, out=log_rt).mul_(lam).log1p_()
             large = u > _LARGE_U
             if bool(large.any()):
-                exact = torch.logaddexp(u.add_(math.log(lam)), torch.tensor(math.log1p(-lam)))
-                log_rt = torch.where(large, exact, log_rt)
-        log_rt = log_rt.div_(c).add_(log_q)
-        del u
+                exact = F.softplus(u.add_(logit)).add_(math.log1p(-lam))
+                torch.where(large, exact, log_rt, out=log_rt)
+            scratch.give(u)
+            step, left_out = 1.0 / c, 0.0
+        torch.add(log_q, log_rt, alpha=step, out=log_rt)
         q_zero = torch.isneginf(log_q) if may_have_zeros else None
         if q_zero is not None and bool(q_zero.any()):
             p_zero = torch.isneginf(log_p)
             if c > 0:
-                # q = 0 < p: r̃ = λ^(1/c)·p, which the form around log q cannot express (∞ − ∞).
+                # q = 0 < p: r̃ = λ^(1/c)·p, which the form around log q cannot express (∞ − ∞);
+                # less the constant left out above.
                 only_p = q_zero & ~p_zero
-                log_rt = torch.where(only_p, log_p + math.log(lam) / c, log_rt)
+                shifted_p = log_p + (math.log(lam) - left_out) / c
+                torch.where(only_p, shifted_p, log_rt, out=log_rt)
                 weight.masked_fill_(only_p, 0.0)
             # p = q = 0: no mass and no gradient (t is NaN there).
             both_zero = q_zero & p_zero
             log_rt.masked_fill_(both_zero, -math.inf)
             weight.masked_fill_(both_zero, 0.0)
-    log_r = _log_softmax(log_rt)
+    log_r = _log_softmax(log_rt, scratch, in_place=True)
     return log_r, weight
 
 
@@ -347,14 +497,32 @@ def _check_knobs(alpha: float, lam: float) -> None:
         raise ValueError(f"lam: must lie in [0, 1], got {lam!r}")
 
 
-def _log_softmax(logits: Tensor) -> Tensor:
-    """log-softmax along the last dimension as z − logsumexp(z).
+def _log_softmax(
+    logits: Tensor, scratch: _Scratch, dtype: torch.dtype | None = None, in_place: bool = False
+) -> Tensor:
+    """log-softmax along the last dimension as z − logsumexp(z), in a scratch tensor of `dtype`
+    (default the logits' own), or in `logits` itself with `in_place` (a scratch tensor then).
 
     `torch.log_softmax`'s CPU kernel sums the exponentials of a 50k-wide row in plain fp32 and
     comes out biased by about +1e-6 per row, which becomes a 2e-6 relative error in a KL value;
-    `logsumexp` sums in cascade (bias ~1e-8) and is no slower.
+    `sum` sums in cascade (bias ~1e-8). `torch.logsumexp` sums the same way, but makes two
+    [N, V] temporaries and takes twice the time of the four operations written out here.
     """
-    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    work = scratch.take(logits.shape, dtype or logits.dtype, logits.device)
+    top = logits.amax(dim=-1, keepdim=True).to(work.dtype)
+    # As in logsumexp: a row whose maximum is infinite is not shifted (inf − inf is NaN).
+    top.masked_fill_(top.isinf(), 0.0)
+    total = torch.sub(logits, top, out=work).exp_().sum(dim=-1, keepdim=True)
+    log_total = total.log_().add_(top)
+    if in_place:
+        scratch.give(work)
+        return logits.sub_(log_total)
+    return torch.sub(logits, log_total, out=work)
+
+
+def _has_neginf(tensor: Tensor) -> bool:
+    # One read of the tensor and no [N, V] mask, where `isneginf(...).any()` makes one.
+    return bool(tensor.amin() == -math.inf)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -367,7 +535,7 @@ def assistant_log_probs(
 ) -> Tensor:
     """The normalised log r of the AMiD assistant, [..., V], in fp32 (or float64 inputs' dtype).
 
-    For inspection and evaluation; plain autograd flows through it, but `amid_loss` is the
+    For inspection and evaluation; the result carries no gradient, as `amid_loss` is the
     training path (chunked, NaN-free on padded entries).
     """
     alpha, lam = float(alpha), float(lam)
@@ -378,9 +546,11 @@ def assistant_log_probs(
             f"{tuple(student_logits.shape)}"
         )
     dtype = _compute_dtype(torch.promote_types(student_logits.dtype, teacher_logits.dtype))
-    log_q = _log_softmax(student_logits.to(dtype))
-    log_p = _log_softmax(teacher_logits.to(dtype))
-    log_r, _ = _mixture(log_p, log_q, alpha, lam)
+    scratch = _Scratch()
+    with torch.no_grad():
+        log_q = _log_softmax(student_logits, scratch, dtype)
+        log_p = _log_softmax(teacher_logits, scratch, dtype)
+        log_r, _ = _mixture(log_p, log_q, alpha, lam, scratch)
     return log_r
 
 
@@ -405,30 +575,42 @@ def _chunk_loss(
     teacher: Tensor,
     spec: _Spec,
     dtype: torch.dtype,
+    scratch: _Scratch,
+    *,
     targets: Tensor | None = None,
+    in_place: tuple[bool, bool] = (False, False),
+    grad_scale: float = 1.0,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """Sum of D(x, r) over one chunk's rows of logits, [N, V] each (plus `spec.ce_weight` times
     the cross-entropy to `targets` where given) and, if `spec.need_grad`, its gradient w.r.t.
-    the student's rows, in `dtype` (fp32 or float64). Tensors are released as soon as they are
-    last used: the peak of this function is the loss's peak extra memory.
+    the student's rows times `grad_scale`, written to `out` where given, else to a scratch
+    tensor of `dtype` (fp32 or float64) that the caller gives back.
+    `in_place` says whether the student's and the teacher's logits are scratch tensors of
+    `dtype`, to be turned into log-probabilities where they lie.
+    Every temporary is given back to `scratch` after its last use, so the few buffers in use at
+    once set the loss's peak extra memory.
     """
-    log_q = _log_softmax(student.to(dtype))
-    log_p = _log_softmax(teacher.to(dtype))
+    log_q = _log_softmax(student, scratch, dtype, in_place=in_place[0])
+    log_p = _log_softmax(teacher, scratch, dtype, in_place=in_place[1])
     # Finite logits give finite log-probabilities: the −inf bookkeeping below is then skipped.
-    may_have_zeros = bool(torch.isneginf(log_q).any()) or bool(torch.isneginf(log_p).any())
-    log_r, weight = _mixture(log_p, log_q, spec.alpha, spec.lam, may_have_zeros)
+    may_have_zeros = _has_neginf(log_q) or _has_neginf(log_p)
+    log_r, weight = _mixture(
+        log_p, log_q, spec.alpha, spec.lam, scratch, may_have_zeros=may_have_zeros
+    )
     log_x = log_q if spec.student_anchor else log_p
 
     # Entries with no mass on either side contribute nothing to any divergence; handing the
     # divergence log 1 on both sides there keeps −inf − (−inf) out of it, and the gradient it
-    # returns for them is discarded below.
+    # returns for them is discarded below. (Copies: log q and log r are still needed as they are.)
     neutral: Tensor | None = None
     if may_have_zeros:
         found = torch.isneginf(log_x) & torch.isneginf(log_r)
         neutral = found if bool(found.any()) else None
+    div_x, div_r = log_x, log_r
     if neutral is not None:
-        log_x = log_x.masked_fill(neutral, 0.0)
-        log_r = log_r.masked_fill(neutral, 0.0)
+        div_x = log_x.masked_fill(neutral, 0.0)
+        div_r = log_r.masked_fill(neutral, 0.0)
 
     # Cross-entropy to the references rides in the same pass: −Σ log q[target].
     target_log_q = None
@@ -436,15 +618,22 @@ def _chunk_loss(
         target_log_q = log_q.gather(-1, targets.unsqueeze(-1))
 
     if not spec.need_grad:
-        value = spec.divergence(log_x, log_r, **spec.params)
+        value = spec.divergence(div_x, div_r, **spec.params)
         if target_log_q is not None:
             value = value - spec.ce_weight * target_log_q.sum()
+        scratch.give(log_q, log_p, log_r, weight)
         return value, None
 
     value, grad_x, grad_r = _VALUE_AND_GRADS[spec.name](
-        log_x, log_r, spec.student_anchor, **spec.params
+        div_x,
+        div_r,
+        spec.student_anchor,
+        scratch=scratch,
+        may_have_zeros=may_have_zeros,
+        **spec.params,
     )
-    del log_x, log_p
+    if log_p is not log_r:  # at λ = 1, r is p
+        scratch.give(log_p)
     if neutral is not None:
         grad_r.masked_fill_(neutral, 0.0)
         if grad_x is not None:
@@ -456,23 +645,45 @@ def _chunk_loss(
         r = log_r.exp_()  # log_r is a tensor of its own here, no longer needed as a log
         if neutral is not None:
             r.masked_fill_(neutral, 0.0)
-        grad_r.sub_(r.mul_(total))
-        del r
-    del log_r
+        grad_r.addcmul_(r, total, value=-1.0)
+        scratch.give(r)
+    elif log_r is log_p:
+        scratch.give(log_p)
     # Through the mixture into log q, plus the anchor's own path when the anchor is q.
-    grad_log_q = grad_r.mul_(weight)
-    del weight
+    grad_log_q = grad_r if isinstance(weight, float) and weight == 1.0 else grad_r.mul_(weight)
+    scratch.give(weight)
     if grad_x is not None:
         grad_log_q.add_(grad_x)
-        del grad_x
+        scratch.give(grad_x)
     if target_log_q is not None and targets is not None:
         value = value - spec.ce_weight * target_log_q.sum()
         grad_log_q.scatter_add_(
             -1, targets.unsqueeze(-1), target_log_q.new_full(target_log_q.shape, -spec.ce_weight)
         )
-    # Through log q = z − logsumexp(z): g − q·Σg.
-    total = grad_log_q.sum(dim=-1, keepdim=True)
-    return value, grad_log_q.sub_(log_q.exp_().mul_(total))
+    # Through log q = z − logsumexp(z): scale·(g − q·Σg), in one pass from q·(−scale·Σg).
+    total = grad_log_q.sum(dim=-1, keepdim=True).mul_(-grad_scale)
+    q = log_q.exp_().mul_(total)
+    grad = torch.add(q, grad_log_q, alpha=grad_scale, out=grad_log_q if out is None else out)
+    scratch.give(q, None if out is None else grad_log_q)
+    return value, grad
+
+
+def _chunk_runs(rows: Tensor, chunk_size: int) -> list[slice | None]:
+    """For each chunk of `rows` (ascending flat positions), the slice of positions it covers when
+    they are consecutive, else None. Read once, so the loop does not synchronise per chunk."""
+    starts = torch.arange(0, rows.numel(), chunk_size, device=rows.device)
+    ends = (starts + chunk_size).clamp_max_(rows.numel())
+    firsts, lasts = rows[starts].tolist(), rows[ends - 1].tolist()
+    sizes = (ends - starts).tolist()
+    return [
+        slice(first, last + 1) if last - first == size - 1 else None
+        for first, last, size in zip(firsts, lasts, sizes, strict=True)
+    ]
+
+
+def _flat_rows(tensor: Tensor) -> Tensor | None:
+    """A [positions, V] view of a contiguous tensor (None where one would need a copy)."""
+    return tensor.view(-1, tensor.shape[-1]) if tensor.is_contiguous() else None
 
 
 class _AmidLoss(torch.autograd.Function):
@@ -487,30 +698,50 @@ class _AmidLoss(torch.autograd.Function):
         spec: _Spec,
     ) -> Tensor:
         chunk_size, need_grad = spec.chunk_size, spec.need_grad
-        # The logits stay in their own layout (often a non-contiguous slice such as
-        # logits[:, :-1]); rows are gathered by multi-dimensional index, so nothing copies or
-        # flattens the whole tensor.
         student = student_logits.detach()
         teacher = teacher_logits.detach()
         leading = student.shape[:-1]
         dtype = _compute_dtype(torch.promote_types(student.dtype, teacher.dtype))
         count = rows.numel()
-        # Unmasked rows keep a zero gradient; the buffer is the only [B, T, V] allocation.
-        grad = (
-            torch.zeros(student.shape, dtype=student.dtype, device=student.device)
-            if need_grad
-            else None
-        )
+        # The buffer is the only [B, T, V] allocation. Positions outside the mask keep a zero
+        # gradient; with every position in it, each is written and none needs zeroing first.
+        grad = None
+        if need_grad:
+            allocate = torch.empty if count == leading.numel() else torch.zeros
+            grad = allocate(student.shape, dtype=student.dtype, device=student.device)
+        # A run of consecutive positions is read as a view of contiguous logits and its gradient
+        # written straight into the buffer; other chunks are gathered by multi-dimensional index
+        # (the logits are often a non-contiguous slice such as logits[:, :-1], which nothing
+        # copies or flattens whole). Advanced indexing, not index_select: same copy, but
+        # index_select's CPU kernel is an order of magnitude slower on rows this wide.
+        flat_student, flat_teacher = _flat_rows(student), _flat_rows(teacher)
+        flat_grad = None if grad is None else _flat_rows(grad)
+        scratch = _Scratch()
         total = torch.zeros((), dtype=torch.float64, device=student.device)
-        for start in range(0, count, chunk_size):
-            index = torch.unravel_index(rows[start : start + chunk_size], leading)
-            # Advanced indexing, not index_select: same copy, but index_select's CPU kernel is
-            # an order of magnitude slower on rows this wide.
-            value, chunk_grad = _chunk_loss(student[index], teacher[index], spec, dtype)
+        for start, run in zip(
+            range(0, count, chunk_size), _chunk_runs(rows, chunk_size), strict=True
+        ):
+            index = None
+            if run is None or flat_student is None or flat_teacher is None:
+                index = torch.unravel_index(rows[start : start + chunk_size], leading)
+                student_rows, teacher_rows = student[index], teacher[index]
+            else:
+                student_rows, teacher_rows = flat_student[run], flat_teacher[run]
+            # A run's gradient goes straight into the buffer; the mean's 1/count rides along.
+            into = None if run is None or flat_grad is None else flat_grad[run]
+            value, chunk_grad = _chunk_loss(
+                student_rows,
+                teacher_rows,
+                spec,
+                dtype,
+                scratch,
+                grad_scale=1.0 / count,
+                out=into,
+            )
             total += value.double()
-            if grad is not None and chunk_grad is not None:
-                grad.index_put_(index, chunk_grad.div_(count).to(grad.dtype))
-            del chunk_grad
+            if grad is not None and chunk_grad is not None and into is None and index is not None:
+                grad.index_put_(index, chunk_grad.to(grad.dtype))
+                scratch.give(chunk_grad)
         loss = (total / max(count, 1)).to(dtype)
         if grad is not None:
             ctx.save_for_backward(grad)
@@ -635,11 +866,21 @@ def amid_loss(
 # -- the fused head and loss ----------------------------------------------------------------------
 
 
-def _head(hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-    """hidden @ weight.T + bias, in the wider of the two dtypes (as PyTorch promotes them)."""
-    dtype = torch.promote_types(hidden.dtype, weight.dtype)
-    logits = hidden.to(dtype) @ weight.to(dtype).T
-    return logits if bias is None else logits + bias.to(dtype)
+def _head(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, scratch: _Scratch, dtype: torch.dtype
+) -> tuple[Tensor, bool]:
+    """hidden @ weight.T + bias in the wider of the two dtypes (as PyTorch promotes them), and
+    whether it is a scratch tensor (so when that dtype is the compute `dtype`), which the chunk's
+    loss then turns into log-probabilities in place and gives back."""
+    logit_dtype = torch.promote_types(hidden.dtype, weight.dtype)
+    hidden, weight = hidden.to(logit_dtype), weight.to(logit_dtype)
+    if logit_dtype != dtype:
+        logits = hidden @ weight.T
+        return (logits if bias is None else logits + bias.to(logit_dtype)), False
+    out = scratch.take(torch.Size((hidden.shape[0], weight.shape[0])), dtype, hidden.device)
+    if bias is None:
+        return torch.mm(hidden, weight.T, out=out), True
+    return torch.addmm(bias.to(dtype), hidden, weight.T, out=out), True
 
 
 @dataclass(frozen=True)
@@ -679,6 +920,7 @@ class _FusedAmidLoss(torch.autograd.Function):
             torch.promote_types(logit_dtype, torch.promote_types(t_hidden.dtype, t_weight.dtype))
         )
         count = rows.numel()
+        scale = 1.0 / max(count, 1)
         need_grad = spec.need_grad
         # Gradients are accumulated in the compute dtype and cast once at the end; the buffers
         # are the size of the parameters and hidden states, never tokens × vocab.
@@ -687,27 +929,32 @@ class _FusedAmidLoss(torch.autograd.Function):
         grad_bias = (
             None if bias is None else torch.zeros(bias.shape, dtype=dtype, device=bias.device)
         )
+        scratch = _Scratch()
         total = torch.zeros((), dtype=torch.float64, device=hidden.device)
         for start in range(0, count, spec.chunk_size):
             index = torch.unravel_index(rows[start : start + spec.chunk_size], leading)
             rows_hidden = hidden[index]
-            student_logits = _head(rows_hidden, weight, bias)
-            teacher_logits = _head(t_hidden[index], t_weight, t_bias)
+            student_logits, own_student = _head(rows_hidden, weight, bias, scratch, dtype)
+            teacher_logits, own_teacher = _head(t_hidden[index], t_weight, t_bias, scratch, dtype)
             chunk_targets = None if targets is None else targets[index]
             value, grad_logits = _chunk_loss(
-                student_logits, teacher_logits, spec, dtype, chunk_targets
+                student_logits,
+                teacher_logits,
+                spec,
+                dtype,
+                scratch,
+                targets=chunk_targets,
+                in_place=(own_student, own_teacher),
+                grad_scale=scale,
             )
-            del student_logits, teacher_logits
             total += value.double()
             if need_grad and grad_logits is not None:
-                grad_logits = grad_logits.div_(count).to(logit_dtype)
-                grad_hidden.index_put_(
-                    index, (grad_logits @ weight.to(logit_dtype)).to(hidden.dtype)
-                )
-                grad_weight.addmm_(grad_logits.T.to(dtype), rows_hidden.to(dtype))
+                grad = grad_logits.to(logit_dtype)
+                grad_hidden.index_put_(index, (grad @ weight.to(logit_dtype)).to(hidden.dtype))
+                grad_weight.addmm_(grad.T.to(dtype), rows_hidden.to(dtype))
                 if grad_bias is not None:
-                    grad_bias.add_(grad_logits.sum(0).to(dtype))
-            del grad_logits, rows_hidden
+                    grad_bias.add_(grad.sum(0).to(dtype))
+            scratch.give(grad_logits)
         loss = (total / max(count, 1)).to(dtype)
         if need_grad:
             saved = [grad_hidden, grad_weight.to(weight.dtype)]
