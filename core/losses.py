@@ -14,9 +14,10 @@ tokens; each divergence is a small function of `(log_x, log_r)` that returns the
 
 Memory: the loss never builds the [tokens × vocab] autograd graph. A custom autograd Function
 walks the masked positions chunk by chunk, computes each chunk's loss and its gradient w.r.t.
-the student logits right there, writes the gradient into one preallocated buffer and frees the
-chunk; backward only scales that buffer. Peak extra memory is therefore that buffer plus a few
-[chunk × vocab] fp32 tensors, whatever the batch.
+the student logits right there and writes the gradient into one preallocated buffer; backward
+only scales that buffer. A chunk's temporaries come from a small pool of [chunk × vocab]
+buffers that every chunk of the call reuses (`_Scratch`), so peak extra memory is that gradient
+buffer plus those few buffers, whatever the batch, and no chunk pays for fresh pages.
 
 Gradients, in closed form: each divergence also has a fused function giving its value and its
 partials w.r.t. log x and log r (checked in the tests against autograd through the plain
@@ -30,9 +31,9 @@ hidden states and head weights, makes each chunk's logits itself and returns the
 w.r.t. the student's hidden states and head, so no [tokens × vocab] tensor exists at all.
 
 Precision: log-softmax is z − logsumexp(z) and chunk sums use cascaded summation, so values at
-a 50k vocabulary agree with float64 to ~1e-8 relative. The mixture is computed in log space without ever forming p^c, through
-log1p/expm1 when |c| is small so that α near 1 keeps fp32 precision; below |c| = 1e-20 the
-geometric limit itself is used.
+a 50k vocabulary agree with float64 to ~1e-8 relative. The mixture is computed in log space
+without ever forming p^c, through log1p/expm1 when |c| is small so that α near 1 keeps fp32
+precision; below |c| = 1e-20 the geometric limit itself is used.
 """
 
 from __future__ import annotations
@@ -66,12 +67,15 @@ _LOG_HALF = math.log(0.5)
 # (they differ by O(c·(log p − log q)²)), and c·log p could underflow: use the α = 1 formula.
 _GEOMETRIC_C = 1e-20
 # Below this |c| the mixture goes through log1p/expm1 (precise as c → 0); above it through
-# softplus (cheaper in memory where c·(log p − log q) is large, and already precise).
+# softplus, taken as the log of the mixture's weight (one pass, and already precise).
 _LOG1P_BELOW_C = 0.1
 _LARGE_U = 30.0
 # Beyond this y, softplus(y) = y + log1p(e^−y) is y to fp32 precision, and sigmoid(−y) is no
 # longer a normal float (below 2^−126 from y ≈ 87.3).
 _SOFTPLUS_IS_LINEAR = 80.0
+# Rows whose largest logit lies within ±this of 0 take their softmax sum without the shift by
+# the maximum: e^60 times a 2^18-wide vocabulary stays far below fp32's largest float.
+_UNSHIFTED_EXP = 60.0
 
 
 # -- divergences ---------------------------------------------------------------------------------
@@ -510,10 +514,18 @@ def _log_softmax(
     """
     work = scratch.take(logits.shape, dtype or logits.dtype, logits.device)
     top = logits.amax(dim=-1, keepdim=True).to(work.dtype)
-    # As in logsumexp: a row whose maximum is infinite is not shifted (inf − inf is NaN).
-    top.masked_fill_(top.isinf(), 0.0)
-    total = torch.sub(logits, top, out=work).exp_().sum(dim=-1, keepdim=True)
-    log_total = total.log_().add_(top)
+    low, high = torch.aminmax(top)
+    if low > -_UNSHIFTED_EXP and high < _UNSHIFTED_EXP:
+        # Every row's maximum lies within e^±60 of 1, so the exponentials of the logits as they
+        # are neither overflow nor sum to zero, and are as precise as shifted ones: one pass less.
+        # Logits of a narrower dtype are upcast first (exp would run in their own precision).
+        upcast = logits if logits.dtype == work.dtype else work.copy_(logits)
+        log_total = torch.exp(upcast, out=work).sum(dim=-1, keepdim=True).log_()
+    else:
+        # As in logsumexp: a row whose maximum is infinite is not shifted (inf − inf is NaN).
+        top.masked_fill_(top.isinf(), 0.0)
+        total = torch.sub(logits, top, out=work).exp_().sum(dim=-1, keepdim=True)
+        log_total = total.log_().add_(top)
     if in_place:
         scratch.give(work)
         return logits.sub_(log_total)
