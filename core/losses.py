@@ -390,13 +390,14 @@ def _ab_grads(
     # separate sums of size ~1 keeps D accurate where x ≈ r.
     s = a + b
     cross = torch.mul(log_x, a, out=scratch.take_like(log_x)).add_(log_r, alpha=b).exp_()
-    partial_x = torch.mul(log_x, s, out=scratch.take_like(log_x)).exp_().sub_(cross).div_(b)
-    sum_x = partial_x.sum()
+    # b·∂/∂log x = x^(a+b) − x^a r^b; divided by b only where it is returned.
+    partial_x = torch.mul(log_x, s, out=scratch.take_like(log_x)).exp_().sub_(cross)
+    sum_x = partial_x.sum() / b
     # Unless asked for, ∂/∂log x is given back before ∂/∂log r exists: one [N, V] less.
-    kept_x = partial_x if need_x else None
+    kept_x = partial_x.div_(b) if need_x else None
     if kept_x is None:
         scratch.give(partial_x)
-    grad_r = torch.mul(log_r, s, out=scratch.take_like(log_r)).exp_().neg_().add_(cross).div_(-a)
+    grad_r = torch.mul(log_r, s, out=scratch.take_like(log_r)).exp_().sub_(cross).div_(a)
     scratch.give(cross)
     value = (sum_x + grad_r.sum()) / s
     return value, kept_x, grad_r

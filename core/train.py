@@ -428,16 +428,20 @@ class TrainingRun:
         return F.cross_entropy(logits, targets[mask]), int(mask.sum())
 
     def _loss(
-        self, batch: Batch, alpha: float, lam: float, fused: bool = True
+        self, batch: Batch, alpha: float, lam: float, training: bool = True
     ) -> tuple[torch.Tensor, int]:
-        """Mean distillation loss over the batch's response tokens, and their count."""
+        """Mean distillation loss over the batch's response tokens, and their count.
+
+        A training batch takes the fused path where the models allow it and, in a sweep, shares
+        the teacher's output among the students; an evaluation batch (`training` false) keeps
+        the logits path and runs the teacher for each student."""
         assert self.teacher is not None, "a distillation has a teacher"
         input_ids = batch.input_ids.to(self.device)
         attention = batch.attention_mask.to(self.device)
         # Position t's logits predict token t + 1: drop the last position, shift the labels.
         targets = batch.labels[:, 1:].to(self.device)
         mask = targets != IGNORE_INDEX
-        if fused and self.fused is not None:
+        if training and self.fused is not None:
             return self._fused_loss(
                 self.fused, input_ids, attention, targets=targets, mask=mask, alpha=alpha, lam=lam
             )
@@ -450,7 +454,7 @@ class TrainingRun:
                 return logits[:, :-1, : self.vocab_width]
 
         teacher_logits = self._teacher_output(
-            input_ids, attention, teacher_logits_of_batch, shared=fused
+            input_ids, attention, teacher_logits_of_batch, shared=training
         )
         with self._autocast():
             student_logits = self.student(input_ids=input_ids, attention_mask=attention).logits
@@ -714,7 +718,7 @@ class TrainingRun:
             with torch.no_grad():
                 if phase.objective == "cross_entropy":
                     return self._cross_entropy(batch)
-                return self._loss(batch, alpha, lam, fused=False)
+                return self._loss(batch, alpha, lam, training=False)
 
         loss_fns: dict[str, LossFn] = {"loss": loss_fn}
         teacher = self.teacher
