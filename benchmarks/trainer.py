@@ -243,7 +243,8 @@ def _in_subprocess(
     return result
 
 
-# The bars, per vocabulary: (least tokens/s vs TRL or None, most peak memory vs TRL).
+# The targets set for the trainer, per vocabulary: (least tokens/s vs TRL or None, most peak
+# extra memory vs TRL).
 TARGETS = {50_257: (2.0, 0.3), 151_936: (None, 0.2)}
 
 
