@@ -457,7 +457,13 @@ def _mixture(
             # costs four passes' time on CPU. The weight keeps 1e-7 relative precision while it
             # is a normal float; beyond y = 80 it is not, and softplus(y) is y to fp32 precision.
             # The constant log(1−λ)/c is left out (the normalisation below removes it).
-            neg_y = weight.clone() if float(weight.amin()) < -_SOFTPLUS_IS_LINEAR else None
+            # (Where p = q = 0 the weight is NaN, which `amin` would return: then compare.)
+            linear_somewhere = (
+                bool((weight < -_SOFTPLUS_IS_LINEAR).any())
+                if may_have_zeros
+                else float(weight.amin()) < -_SOFTPLUS_IS_LINEAR
+            )
+            neg_y = weight.clone() if linear_somewhere else None
             torch.log(weight.sigmoid_(), out=log_rt)  # −softplus(y)
             if neg_y is not None:
                 torch.where(neg_y < -_SOFTPLUS_IS_LINEAR, neg_y, log_rt, out=log_rt)

@@ -621,3 +621,19 @@ def test_a_scratch_tensor_given_back_twice_is_an_error() -> None:
     scratch.give(tensor, tensor)  # named twice in one call: counted once
     with pytest.raises(RuntimeError, match="twice"):
         scratch.give(tensor)
+
+
+@pytest.mark.parametrize("alpha", [-5.0, -3.0])
+def test_padding_beside_an_entry_far_below_the_teacher_stays_exact(alpha: float) -> None:
+    """A chunk holding padded entries (−inf in both logits) and an entry where the student is
+    e^50 below the teacher: there the mixture's weight underflows fp32, and the exact form must
+    still be taken although the padding puts NaN beside it."""
+    student, teacher, mask = make_inputs(seed=43)
+    student[0, 0, 0], teacher[0, 0, 0] = -40.0, 10.0
+    mask[0, 0] = True
+    knobs = {"alpha": alpha, "lam": 0.1, "divergence": "kl"}
+    ours, grad = loss_and_grad(student, teacher, mask, **knobs)
+    exact, exact_grad = loss_and_grad(student.double(), teacher.double(), mask, **knobs)
+    assert torch.isfinite(ours) and torch.isfinite(grad).all()
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=0)
+    torch.testing.assert_close(grad.double(), exact_grad, rtol=1e-4, atol=1e-7)
