@@ -916,7 +916,7 @@ class _FusedConstants:
 
 class _FusedAmidLoss(torch.autograd.Function):
     """Per chunk of masked rows: both heads' logits, the loss and the student's gradients w.r.t.
-    its hidden states, head weight and bias; the chunk's logits are freed before the next."""
+    its hidden states, head weight and bias, in buffers that the next chunk reuses."""
 
     @staticmethod
     def forward(
@@ -1020,8 +1020,9 @@ def fused_amid_loss(
 
     Hidden states are [..., H] (the teacher's width may differ from the student's), head weights
     [V, H], biases [V]. Only masked positions are visited, `chunk_size` at a time: each chunk's
-    logits, loss and gradients are made and freed in turn, so peak extra memory is a few
-    [chunk_size, V] tensors plus gradient buffers the size of the hidden states and the head.
+    logits, loss and gradients are made in turn in the same few [chunk_size, V] buffers, so peak
+    extra memory is those buffers plus gradient buffers the size of the hidden states and the
+    head.
     The result is differentiable w.r.t. the student's hidden states, weight and bias (tied
     embeddings work: autograd adds this gradient to the embedding's own); the teacher is a
     constant. With `targets` (token ids of the masked positions' next tokens, the leading shape)
