@@ -7,15 +7,18 @@ for backward. Both get the same inputs in the same run.
 Memory on CPU: every case runs in a fresh subprocess; peak extra memory is the growth of the
 process's peak resident set size (`resource.getrusage(...).ru_maxrss`) from just after the
 inputs are built to just after one forward+backward (see `measure_memory` for the allocator
-setting that makes RSS follow live memory). That counts everything the
-loss allocates, the student's gradient included. On CUDA: `torch.cuda.max_memory_allocated`
+setting that makes RSS follow live memory). That counts everything the loss allocates, the
+student's gradient included. On CUDA: `torch.cuda.max_memory_allocated`
 minus the memory allocated before the call, after `reset_peak_memory_stats`.
 
-Time: the median of `--repeats` forward+backward calls after the memory-measuring one.
+Time: the median of `--repeats` forward+backward calls after an untimed one, in a fresh
+process with the default allocator; each of `--rounds` rounds times dense, then every chunk
+size, and a time ratio is taken within a round (the median over rounds is reported), so a
+change in the machine's load between rounds moves both sides of a ratio alike.
 
     python -m benchmarks.loss                 # the target table, CPU (and CUDA if present)
     python -m benchmarks.loss --quick         # small token counts, a few seconds
-    python -m benchmarks.loss --write BENCHMARKS.md
+    python -m benchmarks.loss --rounds 5 --write BENCHMARKS.md
     python -m benchmarks.loss --divergence kl --chunk-size 64 --chunk-size 256
     python -m benchmarks.loss --tokens 512 --tokens 2048 --alpha -5 --divergence ab
 """
