@@ -6,10 +6,10 @@ for backward. Both get the same inputs in the same run.
 
 Memory on CPU: every case runs in a fresh subprocess; peak extra memory is the growth of the
 process's peak resident set size (`resource.getrusage(...).ru_maxrss`) from just after the
-inputs are built to just after one forward+backward (see `measure_memory` for the allocator
-setting that makes RSS follow live memory). That counts everything the loss allocates, the
-student's gradient included. On CUDA: `torch.cuda.max_memory_allocated`
-minus the memory allocated before the call, after `reset_peak_memory_stats`.
+inputs are built to just after one forward+backward (see `benchmarks.report.run_measurement`
+for the allocator setting that makes RSS follow live memory). That counts everything the loss
+allocates, the student's gradient included. On CUDA: `torch.cuda.max_memory_allocated` minus
+the memory allocated before the call, after `reset_peak_memory_stats`.
 
 Time: the median of `--repeats` forward+backward calls after an untimed one, in a fresh
 process with the default allocator; each of `--rounds` rounds times dense, then every chunk
@@ -31,7 +31,6 @@ import math
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from benchmarks.report import machine_description, write_section
+from benchmarks.report import machine_description, run_measurement, write_section
 from core.losses import DIVERGENCE_FUNCTIONS, amid_loss
 from core.presets import DEFAULT_LOSS_CHUNK_SIZE
 
@@ -201,32 +200,24 @@ def run_case(case: Case) -> dict[str, float]:
 
 
 def measure_memory(case: Case) -> float:
-    """Peak extra bytes of one forward+backward, in a fresh process on CPU.
-
-    That process runs with glibc's mmap threshold pinned low, so every large block is mapped on
-    allocation and unmapped on free: RSS then follows the bytes actually live instead of what
-    the allocator keeps cached, for both implementations alike.
-    """
+    """Peak extra bytes of one forward+backward, in a fresh process on CPU (see
+    `run_measurement` for the allocator setting that makes RSS follow live memory)."""
     if case.device != "cpu":
         return run_case(replace(case, repeats=0))["extra_bytes"]
-    return _subprocess(replace(case, repeats=0), {"MALLOC_MMAP_THRESHOLD_": "65536"})["extra_bytes"]
+    result = run_measurement(
+        "benchmarks.loss", "--case", replace(case, repeats=0).__dict__, for_memory=True
+    )
+    return float(result["extra_bytes"])
 
 
 def measure_time(case: Case) -> dict[str, float]:
     """Median time and loss value, in a fresh process with the default allocator on CPU (as a
     user would run it)."""
-    return _subprocess(case, {}) if case.device == "cpu" else run_case(case)
-
-
-def _subprocess(case: Case, env: dict[str, str]) -> dict[str, float]:
-    out = subprocess.run(
-        [sys.executable, "-m", "benchmarks.loss", "--case", json.dumps(case.__dict__)],
-        check=True,
-        capture_output=True,
-        text=True,
-        env={**os.environ, **env},
+    if case.device != "cpu":
+        return run_case(case)
+    result: dict[str, float] = run_measurement(
+        "benchmarks.loss", "--case", case.__dict__, for_memory=False
     )
-    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 

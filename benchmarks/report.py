@@ -1,16 +1,41 @@
-"""What the benchmark scripts share: the machine they name, and BENCHMARKS.md, where each rewrites
-only its own section."""
+"""What the benchmark scripts share: the machine they name, the fresh processes they measure in,
+and BENCHMARKS.md, where each rewrites only its own section."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
 TITLE = "# Benchmarks"
+
+
+def run_measurement(module: str, flag: str, payload: dict[str, Any], *, for_memory: bool) -> Any:
+    """Runs `python -m <module> <flag> <payload as JSON>` in a fresh process and returns the JSON
+    value its last line of output prints.
+
+    `for_memory` pins glibc's mmap threshold low: every large block is then mapped on allocation
+    and unmapped on free, so peak RSS follows the bytes actually live rather than what the
+    allocator caches. Times are measured without it, with the allocator as a user runs it: the
+    pinned threshold turns every large allocation into fresh pages and slows each side by how
+    much it allocates.
+    """
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if for_memory else dict(os.environ)
+    out = subprocess.run(
+        [sys.executable, "-m", module, flag, json.dumps(payload)],
+        check=True,
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def write_section(path: Path, name: str, lines: list[str]) -> None:

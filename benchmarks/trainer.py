@@ -37,7 +37,6 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.report import machine_description, write_section
+from benchmarks.report import machine_description, run_measurement, write_section
 from core.heads import SplitModel, split_head
 from core.losses import fused_amid_loss
 
@@ -221,25 +220,11 @@ def run_side(side: str, vocab: int, steps: int, device_name: str) -> dict[str, A
 def _in_subprocess(
     side: str, vocab: int, steps: int, device: str, *, for_memory: bool
 ) -> dict[str, Any]:
-    """One side in a fresh process. Memory is read where glibc's mmap threshold is pinned low
-    (RSS then follows the bytes live, not what the allocator caches); times where the allocator
-    is left as a user runs it, since the pinned threshold turns every large allocation into
-    fresh pages and slows each side by how much it allocates."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"} if for_memory else dict(os.environ)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.trainer",
-            "--side",
-            json.dumps({"side": side, "vocab": vocab, "steps": steps, "device": device}),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-        env=env,
+    """One side in a fresh process (see `run_measurement` for what `for_memory` changes)."""
+    payload = {"side": side, "vocab": vocab, "steps": steps, "device": device}
+    result: dict[str, Any] = run_measurement(
+        "benchmarks.trainer", "--side", payload, for_memory=for_memory
     )
-    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
     return result
 
 
@@ -310,22 +295,25 @@ def main() -> None:
                     results.append(
                         _in_subprocess(side, vocab, args.steps, device, for_memory=False)
                     )
-            for name, side in (("TRL GKDTrainer", "trl"), ("amid (fused)", "amid")):
-                results = timings[side]
-                speed = statistics.median(
+            speed = {
+                side: statistics.median(
                     r["tokens_per_s"] / t["tokens_per_s"]
                     for r, t in zip(results, timings["trl"], strict=True)
                 )
-                memory_ratio = memory[side] / memory["trl"]
+                for side, results in timings.items()
+            }
+            for name, side in (("TRL GKDTrainer", "trl"), ("amid (fused)", "amid")):
+                results = timings[side]
                 rows.append(
                     f"| {device} | {vocab:,} | {name} | "
                     f"{statistics.median(r['tokens_per_s'] for r in results):,.0f} | "
                     f"{memory[side] / 2**20:,.0f} MiB | {_phase_text(results[0]['phases'])} | "
-                    f"{speed:.2f}× | {memory_ratio:.2f}× | {results[0]['loss']:.4f} |"
+                    f"{speed[side]:.2f}× | {memory[side] / memory['trl']:.2f}× | "
+                    f"{results[0]['loss']:.4f} |"
                 )
                 print(rows[-1], flush=True)
-            # speed and memory_ratio are this project's: its side is the loop's last.
-            line = verdict(vocab, speed, memory_ratio) if device == "cpu" else None
+            amid_memory = memory["amid"] / memory["trl"]
+            line = verdict(vocab, speed["amid"], amid_memory) if device == "cpu" else None
             if line:
                 verdicts.append(line)
                 print(line, flush=True)
