@@ -269,14 +269,12 @@ def _kl_grads(
     log_r: Tensor,
     need_x: bool,
     *,
-    scratch: _Scratch | None = None,
-    may_have_zeros: bool = True,
+    scratch: _Scratch,
+    may_have_zeros: bool,
     **_: float,
 ) -> ValueAndGrads:
     # D = Σ x(log x − log r):  ∂/∂log x = x(log x − log r + 1),  ∂/∂log r = −x.
-    value, grad_x, grad_r = _plogratio_grads(
-        log_x, log_r, (need_x, True), scratch or _Scratch(), may_have_zeros
-    )
+    value, grad_x, grad_r = _plogratio_grads(log_x, log_r, (need_x, True), scratch, may_have_zeros)
     assert grad_r is not None  # asked for
     return value, grad_x, grad_r
 
@@ -286,14 +284,12 @@ def _rkl_grads(
     log_r: Tensor,
     need_x: bool,
     *,
-    scratch: _Scratch | None = None,
-    may_have_zeros: bool = True,
+    scratch: _Scratch,
+    may_have_zeros: bool,
     **_: float,
 ) -> ValueAndGrads:
     # D = Σ r(log r − log x):  ∂/∂log r = r(log r − log x + 1),  ∂/∂log x = −r.
-    value, grad_r, grad_x = _plogratio_grads(
-        log_r, log_x, (True, need_x), scratch or _Scratch(), may_have_zeros
-    )
+    value, grad_r, grad_x = _plogratio_grads(log_r, log_x, (True, need_x), scratch, may_have_zeros)
     assert grad_r is not None  # asked for
     return value, grad_x, grad_r
 
@@ -303,12 +299,11 @@ def _js_grads(
     log_r: Tensor,
     need_x: bool,
     *,
-    scratch: _Scratch | None = None,
-    may_have_zeros: bool = True,
+    scratch: _Scratch,
+    may_have_zeros: bool,
     **_: float,
 ) -> ValueAndGrads:
     # With m = ½(x + r) the terms through log m cancel: ∂/∂log x = ½x(log x − log m), likewise r.
-    scratch = scratch or _Scratch()
     log_m = torch.logaddexp(log_x, log_r, out=scratch.take_like(log_x)).add_(_LOG_HALF)
     halves = []
     for log_a in (log_r, log_x):
@@ -328,11 +323,10 @@ def _tvd_grads(
     log_r: Tensor,
     need_x: bool,
     *,
-    scratch: _Scratch | None = None,
+    scratch: _Scratch,
     **_: float,
 ) -> ValueAndGrads:
     # ∂/∂log x = ½·sign(x − r)·x, ∂/∂log r = −½·sign(x − r)·r (0 at the kink x = r).
-    scratch = scratch or _Scratch()
     x = _exp(log_x, scratch)
     r = _exp(log_r, scratch)
     diff = torch.sub(x, r, out=scratch.take_like(x))
@@ -349,13 +343,12 @@ def _ab_grads(
     log_r: Tensor,
     need_x: bool,
     *,
-    scratch: _Scratch | None = None,
-    may_have_zeros: bool = True,
+    scratch: _Scratch,
+    may_have_zeros: bool,
     ab_alpha: float = 0.2,
     ab_beta: float = 0.7,
     **_: float,
 ) -> ValueAndGrads:
-    scratch = scratch or _Scratch()
     a, b = float(ab_alpha), float(ab_beta)
     if a == 0.0 and b == 0.0:
         delta = torch.sub(log_x, log_r, out=scratch.take_like(log_x))

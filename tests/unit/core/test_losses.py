@@ -482,7 +482,7 @@ def test_closed_form_gradients_match_autograd_of_the_divergence(
 ) -> None:
     """The training path's fused value-and-gradient equals autograd through the registry entry,
     with zero-probability entries on one side (where both sides are 0 the base never calls it)."""
-    from core.losses import _VALUE_AND_GRADS
+    from core.losses import _VALUE_AND_GRADS, _Scratch
 
     gen = torch.Generator().manual_seed(5)
     log_x = torch.log_softmax(torch.randn(4, 9, generator=gen, dtype=torch.float64), -1)
@@ -495,7 +495,9 @@ def test_closed_form_gradients_match_autograd_of_the_divergence(
     leaf_r = log_r.clone().requires_grad_()
     expected = DIVERGENCE_FUNCTIONS[name](leaf_x, leaf_r, **params)
     expected.backward()
-    value, grad_x, grad_r = _VALUE_AND_GRADS[name](log_x, log_r, need_x, **params)
+    value, grad_x, grad_r = _VALUE_AND_GRADS[name](
+        log_x, log_r, need_x, scratch=_Scratch(), may_have_zeros=x_zero or r_zero, **params
+    )
     assert torch.isfinite(expected)
     torch.testing.assert_close(value, expected.detach())
     torch.testing.assert_close(grad_r, leaf_r.grad)
